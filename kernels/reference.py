@@ -9,13 +9,18 @@ import torch.nn.functional as F
 NORM_KINDS = ("rms", "rms_offset", "layer", "none")
 
 
+def _acc(t):
+    """At least float32: half inputs compute in float32, float64 stays float64 (test references)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def modulated_norm_ref(x, weight, bias, dw, shift, eps: float, kind: str):
-    """``y = Norm(x) * (g + dw) + b + shift``, computed in float32, returned in float32.
+    """``y = Norm(x) * (g + dw) + b + shift``, computed and returned in float32 (float64 stays).
 
     ``kind``: ``rms`` (g = w), ``rms_offset`` (Gemma, g = 1 + w), ``layer`` (LayerNorm with
     bias b), ``none`` (no normalisation, g = 1). ``dw`` and ``shift`` are per token.
     """
-    xf = x.float()
+    xf = _acc(x)
     if kind == "rms" or kind == "rms_offset":
         n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     elif kind == "layer":
@@ -27,21 +32,21 @@ def modulated_norm_ref(x, weight, bias, dw, shift, eps: float, kind: str):
     if kind == "none" or weight is None:
         g = 1.0
     else:
-        g = weight.float() + (1.0 if kind == "rms_offset" else 0.0)
-    y = n * (g + dw.float()) + shift.float()
+        g = _acc(weight) + (1.0 if kind == "rms_offset" else 0.0)
+    y = n * (g + _acc(dw)) + _acc(shift)
     if bias is not None and kind == "layer":
-        y = y + bias.float()
+        y = y + _acc(bias)
     return y
 
 
 def latent_normalize_ref(u, eps: float = 1e-12):
     """``z = sqrt(d) * u / ||u||`` per row: every latent has norm sqrt(d)."""
-    uf = u.float()
+    uf = _acc(u)
     return math.sqrt(u.shape[-1]) * uf / uf.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
 def head_logits_ref(hidden, weight, bias=None, softcap=None, logit_scale=None):
-    logits = F.linear(hidden, weight, bias).float()
+    logits = _acc(F.linear(hidden, weight, bias))
     if logit_scale is not None:
         logits = logits * logit_scale
     if softcap is not None:
@@ -54,3 +59,29 @@ def linear_cross_entropy_ref(hidden, weight, targets, bias=None, softcap=None, l
     """Cross-entropy of ``hidden @ weight.T`` (+ bias, scale, soft-cap) against ``targets``."""
     logits = head_logits_ref(hidden, weight, bias, softcap, logit_scale)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def marginal_std_ref(t, sigma: float):
+    """``s(t) = sqrt((1 - t)^2 sigma^2 + t^2)``: the std of ``x_t`` for unit-scale latents."""
+    return torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)
+
+
+def noise_latent_ref(z, t, noise, sigma: float, scale_by_std: bool = True):
+    """``x_t = t z + (1 - t) sigma eps``, divided by ``s(t)`` when ``scale_by_std``; float32.
+
+    ``t`` holds one time per row: shape ``z.shape[:-1]``, ``z.shape[:-1] + (1,)`` or anything that
+    broadcasts to it.
+    """
+    tt = _time_per_row(t, z).unsqueeze(-1)
+    x = tt * _acc(z) + (1 - tt) * sigma * _acc(noise)
+    if scale_by_std:
+        x = x / marginal_std_ref(tt, sigma)
+    return x
+
+
+def _time_per_row(t, z):
+    """``t`` as a float32 tensor of shape ``z.shape[:-1]`` (one time per row)."""
+    t = _acc(torch.as_tensor(t, device=z.device))
+    if t.dim() == z.dim() and t.dim() > 0 and t.shape[-1] == 1:
+        t = t.squeeze(-1)
+    return t.expand(z.shape[:-1])
