@@ -1,0 +1,247 @@
+"""Where each model family keeps what the diffusion path reuses.
+
+The path never forks a modeling file: it calls each decoder layer's own submodules (norms,
+q/o projections, MLP, the model's rotary module) and reads post-rotary keys/values from the
+main path's cache. What differs between families lives in one small ``ArchSpec`` each.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One family's layout. Attribute names are relative to the decoder layer unless noted.
+
+    ``q_layout`` says how to take the query projection out of the attention module:
+    ``separate`` (``q_proj``), ``phi3`` (first rows of the fused ``qkv_proj``), ``gpt2`` (first
+    columns of the ``c_attn`` Conv1D), ``neox`` (per-head interleaved ``query_key_value``).
+    ``q_norm``: ``head`` (per-head norm after the reshape, qwen3/gemma3), ``full`` (on the whole
+    projection, olmo2) or ``None``. ``parallel``: attention and MLP read the same residual
+    (gpt_neox when ``config.use_parallel_residual``).
+    """
+
+    layers: str                      # from the backbone (``model.base_model``)
+    final_norm: str                  # from the backbone
+    attn: str = "self_attn"
+    q_layout: str = "separate"
+    o_proj: str = "o_proj"
+    q_norm: str | None = None
+    attn_norm: str | None = "input_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+    mlp: str = "mlp"
+    norm_kind: str = "rms"           # rms | rms_offset (Gemma's 1 + w) | layer
+    parallel: bool = False
+    rotary: bool = True
+
+
+_LLAMA = ArchSpec(layers="layers", final_norm="norm")
+_GEMMA = ArchSpec(layers="layers", final_norm="norm", norm_kind="rms_offset",
+                  post_attn_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
+                  post_mlp_norm="post_feedforward_layernorm")
+
+SPECS: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "granite": _LLAMA,
+    "qwen3": ArchSpec(layers="layers", final_norm="norm", q_norm="head"),
+    "gemma2": _GEMMA,
+    "gemma3_text": ArchSpec(**{**_GEMMA.__dict__, "q_norm": "head"}),
+    "phi3": ArchSpec(layers="layers", final_norm="norm", q_layout="phi3"),
+    "olmo2": ArchSpec(layers="layers", final_norm="norm", q_norm="full", attn_norm=None, mlp_norm=None,
+                      post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm"),
+    "gpt2": ArchSpec(layers="h", final_norm="ln_f", attn="attn", q_layout="gpt2", o_proj="c_proj",
+                     attn_norm="ln_1", mlp_norm="ln_2", norm_kind="layer", rotary=False),
+    "gpt_neox": ArchSpec(layers="layers", final_norm="final_layer_norm", attn="attention", q_layout="neox",
+                         o_proj="dense", norm_kind="layer", parallel=True),
+}
+
+
+def get_spec(config) -> ArchSpec:
+    """The spec of ``config.model_type``, or a clear error naming the supported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SPECS:
+        raise NotImplementedError(
+            f"l2d does not support model_type {model_type!r} yet. Supported families: "
+            f"{', '.join(sorted(SPECS))}. Adding one means adding an ArchSpec in l2d/arch.py.")
+    spec = SPECS[model_type]
+    if model_type == "gpt_neox" and not getattr(config, "use_parallel_residual", True):
+        spec = ArchSpec(**{**spec.__dict__, "parallel": False})
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi":
+        raise NotImplementedError("ALiBi attention is not supported by the l2d diffusion path.")
+    return spec
+
+
+class ArchAdapter:
+    """Resolves a spec against one loaded model: layer modules, norms, rotary, scales."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.spec = get_spec(model.config)
+        self.backbone = model.base_model
+        self.layers = _getattr_path(self.backbone, self.spec.layers)
+        self.final_norm = _getattr_path(self.backbone, self.spec.final_norm)
+        self.rotary_emb = getattr(self.backbone, "rotary_emb", None) if self.spec.rotary else None
+        if self.spec.rotary and self.rotary_emb is None:
+            raise NotImplementedError(f"{self.config.model_type}: no rotary_emb module on the backbone.")
+        self._rotary_takes_type = (self.rotary_emb is not None
+                                   and "layer_type" in inspect.signature(self.rotary_emb.forward).parameters)
+        self.num_layers = len(self.layers)
+        self.hidden_size = self.config.hidden_size
+        self.residual_multiplier = float(getattr(self.config, "residual_multiplier", 1.0) or 1.0)
+
+    # --- per layer -------------------------------------------------------------------------
+    def attn(self, i: int) -> nn.Module:
+        return getattr(self.layers[i], self.spec.attn)
+
+    def norm(self, i: int, which: str):
+        name = getattr(self.spec, which)
+        return None if name is None else getattr(self.layers[i], name)
+
+    def head_dims(self, i: int) -> tuple[int, int]:
+        """(number of query heads, head_dim)."""
+        cfg = self.config
+        n_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        return n_heads, head_dim
+
+    def q_in_out(self, i: int) -> tuple[int, int]:
+        n_heads, head_dim = self.head_dims(i)
+        return self.hidden_size, n_heads * head_dim
+
+    def o_module(self, i: int) -> nn.Module:
+        return getattr(self.attn(i), self.spec.o_proj)
+
+    def mlp(self, i: int) -> nn.Module:
+        return getattr(self.layers[i], self.spec.mlp)
+
+    def query_projection(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The frozen query projection of ``x`` ([..., H] -> [..., heads * head_dim])."""
+        attn = self.attn(i)
+        layout = self.spec.q_layout
+        if layout == "separate":
+            return attn.q_proj(x)
+        n_heads, head_dim = self.head_dims(i)
+        q_size = n_heads * head_dim
+        if layout == "phi3":  # rows [q | k | v]
+            w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+            return F.linear(x, w[:q_size], None if b is None else b[:q_size])
+        if layout == "gpt2":  # Conv1D stores [in, out]; columns [q | k | v]
+            w, b = attn.c_attn.weight, attn.c_attn.bias
+            return torch.addmm(b[:q_size], x.reshape(-1, x.shape[-1]), w[:, :q_size]).view(*x.shape[:-1], q_size)
+        if layout == "neox":  # rows interleaved per head: [q_h | k_h | v_h] for each head h
+            w, b = attn.query_key_value.weight, attn.query_key_value.bias
+            wq = w.view(n_heads, 3, head_dim, -1)[:, 0].reshape(q_size, -1)
+            bq = None if b is None else b.view(n_heads, 3, head_dim)[:, 0].reshape(q_size)
+            return F.linear(x, wq, bq)
+        raise ValueError(f"unknown q_layout {layout!r}")
+
+    def shape_queries(self, i: int, q: torch.Tensor) -> torch.Tensor:
+        """[B, Tq, heads * hd] -> [B, heads, Tq, hd], with the family's query norm."""
+        attn = self.attn(i)
+        n_heads, head_dim = self.head_dims(i)
+        if self.spec.q_norm == "full":
+            q = attn.q_norm(q)
+        q = q.view(*q.shape[:-1], n_heads, head_dim)
+        if self.spec.q_norm == "head":
+            q = attn.q_norm(q)
+        return q.transpose(1, 2)
+
+    def rotary(self, i: int, x: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) for layer ``i`` at ``position_ids``, or None for learned positions."""
+        if self.rotary_emb is None:
+            return None
+        if self._rotary_takes_type:
+            return self.rotary_emb(x, position_ids, self.config.layer_types[i])
+        return self.rotary_emb(x, position_ids)
+
+    def apply_rotary(self, i: int, q: torch.Tensor, cos_sin) -> torch.Tensor:
+        """Rotate queries with the family's own function (handles partial rotary)."""
+        if cos_sin is None:
+            return q
+        fn = sys.modules[type(self.attn(i)).__module__].apply_rotary_pos_emb
+        cos, sin = cos_sin
+        return fn(q, q, cos, sin)[0]
+
+    def rotary_key(self, i: int):
+        """Layers with equal keys share rotary tables (gemma3 has two, by layer type)."""
+        return self.config.layer_types[i] if self._rotary_takes_type else None
+
+    def attn_scale(self, i: int) -> float:
+        attn = self.attn(i)
+        scale = getattr(attn, "scaling", None)
+        if scale is None:
+            scale = self.head_dims(i)[1] ** -0.5
+        return float(scale)
+
+    def attn_softcap(self, i: int):
+        return getattr(self.attn(i), "attn_logit_softcapping", None)
+
+    def sliding_window(self, i: int):
+        """Keys ``(q - window, q]`` for sliding layers; None for full attention."""
+        cfg = self.config
+        window = getattr(cfg, "sliding_window", None)
+        if not window:
+            return None
+        layer_types = getattr(cfg, "layer_types", None)
+        if layer_types is not None:
+            return window if layer_types[i] == "sliding_attention" else None
+        if getattr(cfg, "use_sliding_window", True) is False:
+            return None
+        return window
+
+    # --- whole model -----------------------------------------------------------------------
+    def logits_postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+        """Family-specific transforms after ``lm_head`` (granite scaling, gemma2 soft-capping)."""
+        scaling = getattr(self.config, "logits_scaling", None)
+        if scaling not in (None, 1, 1.0):
+            logits = logits / scaling
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def head_kwargs(self) -> dict:
+        """The same transforms as arguments of ``l2d_kernels.linear_cross_entropy``."""
+        scaling = getattr(self.config, "logits_scaling", None)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return {
+            "logit_scale": None if scaling in (None, 1, 1.0) else 1.0 / scaling,
+            "softcap": cap or None,
+        }
+
+    def fingerprint(self) -> dict:
+        """What an adapter must match to fit this base."""
+        emb = self.model.get_input_embeddings()
+        return {
+            "model_type": self.config.model_type,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "vocab_size": int(emb.weight.shape[0]),
+        }
+
+
+def norm_params(norm: nn.Module | None, kind: str):
+    """(weight, bias, eps, kind) of a frozen norm module, for ``l2d_kernels.modulated_norm``."""
+    if norm is None:
+        return None, None, 0.0, "none"
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(norm, "eps", 1e-6)
+    return norm.weight, getattr(norm, "bias", None), float(eps), kind
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj

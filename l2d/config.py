@@ -1,0 +1,127 @@
+"""L2DConfig: every hyper-parameter of the diffusion path, with its meaning."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+CONFIG_NAME = "l2d_config.json"
+WEIGHTS_NAME = "l2d_model.safetensors"
+
+SCHEDULES = ("cosmap", "uniform", "logit_normal")
+PATH_VARIANTS = ("lora", "full")
+DEFAULT_CLASSES = ("math", "code", "general", "other")
+
+
+@dataclass
+class L2DConfig:
+    """Configuration of the diffusion path attached beside a frozen causal LM.
+
+    Args:
+        latent_dim: Size ``d`` of the latent token space. Each token's latent is
+            ``z(y) = sqrt(d) * phi(E[y]) / ||phi(E[y])||``.
+        sigma: Scale of the noise at ``t=0``: ``x_t = t z + (1 - t) sigma eps``.
+        schedule: Distribution of training timesteps, one per token position:
+            ``cosmap`` (``t = 1 - 1 / (tan(pi u / 2) + 1)``), ``uniform`` or ``logit_normal``.
+        logit_normal_mean: Mean of the normal behind ``logit_normal``.
+        logit_normal_std: Std of the normal behind ``logit_normal``.
+        path_variant: ``lora``: the path reuses each layer's frozen q/o/MLP weights plus trainable
+            low-rank deltas; ``full``: trainable copies of those weights (stored as full deltas).
+        rank: Rank of the low-rank deltas (``lora`` variant).
+        alpha: Scale numerator of the low-rank deltas; a delta contributes ``alpha / rank * B A x``.
+        cond_dim: Width of the conditioning vector ``c = MLP(sinusoidal(t)) + class embedding``.
+        time_features: Number of sinusoidal features of ``t`` (max period 10000, t in [0, 1]).
+        class_names: Task categories for class conditioning and guidance; a null class is added.
+        class_dropout: Probability of replacing the class label by the null class in training.
+        self_conditioning: Probability, per training step, of a first no-grad pass whose expected
+            latent ``softmax(logits) @ Z`` feeds the second pass as ``z_hat``. 0 disables it.
+        encoder_hidden: Hidden width of the input encoder MLP (0 means the model's hidden size).
+        base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
+        base_model_revision: Recorded when known.
+    """
+
+    latent_dim: int = field(default=256, metadata={"help": "Size d of the latent token space."})
+    sigma: float = field(default=64.0, metadata={"help": "Noise scale at t=0."})
+    schedule: str = field(default="cosmap", metadata={"help": f"Training timestep schedule: {SCHEDULES}."})
+    logit_normal_mean: float = field(default=0.0, metadata={"help": "Mean for logit_normal."})
+    logit_normal_std: float = field(default=1.0, metadata={"help": "Std for logit_normal."})
+    path_variant: str = field(default="lora", metadata={"help": f"Path weights: {PATH_VARIANTS}."})
+    rank: int = field(default=32, metadata={"help": "Rank of the low-rank deltas."})
+    alpha: float = field(default=32.0, metadata={"help": "Low-rank scale numerator (alpha / rank)."})
+    cond_dim: int = field(default=256, metadata={"help": "Width of the conditioning vector c."})
+    time_features: int = field(default=256, metadata={"help": "Sinusoidal features of t."})
+    class_names: tuple = field(default=DEFAULT_CLASSES, metadata={"help": "Task categories."})
+    class_dropout: float = field(default=0.2, metadata={"help": "Null-class probability in training."})
+    self_conditioning: float = field(default=0.5, metadata={"help": "Self-conditioning probability."})
+    encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
+    base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
+
+    def __post_init__(self):
+        self.class_names = tuple(self.class_names)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field that is out of range."""
+        checks = [
+            (self.latent_dim > 0, "latent_dim must be a positive integer"),
+            (self.sigma > 0, "sigma must be positive"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.logit_normal_std > 0, "logit_normal_std must be positive"),
+            (self.path_variant in PATH_VARIANTS,
+             f"path_variant must be one of {PATH_VARIANTS}, got {self.path_variant!r}"),
+            (self.rank > 0, "rank must be a positive integer"),
+            (self.cond_dim > 0 and self.time_features > 0 and self.time_features % 2 == 0,
+             "cond_dim must be positive and time_features a positive even number"),
+            (0.0 <= self.class_dropout <= 1.0, "class_dropout must lie in [0, 1]"),
+            (0.0 <= self.self_conditioning <= 1.0, "self_conditioning must lie in [0, 1]"),
+            (self.encoder_hidden >= 0, "encoder_hidden must be >= 0"),
+            (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"L2DConfig: {message}.")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "L2DConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"L2DConfig: unknown keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**d)
+
+    def save(self, directory: str, extra: dict | None = None) -> str:
+        """Write ``l2d_config.json`` atomically; ``extra`` holds provenance (base fingerprint, version)."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        payload = {**self.to_dict(), **({"_l2d": extra} if extra else {})}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str) -> tuple["L2DConfig", dict]:
+        """Read ``l2d_config.json``; returns the config and its provenance block."""
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {directory!r}: is this an l2d adapter saved with save_pretrained?")
+        try:
+            with open(path) as f:
+                payload = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); the adapter file is corrupt.") from e
+        extra = payload.pop("_l2d", {})
+        return cls.from_dict(payload), extra

@@ -1,0 +1,409 @@
+"""L2DModel: a frozen causal LM with a trainable diffusion path beside it.
+
+Data flow of one forward: main path (frozen, no grad, KV cache) -> per-layer keys/values and the
+last hidden state -> diffusion path at the query positions -> merge -> frozen final norm and
+``lm_head`` -> response-only cross-entropy.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+from transformers.utils import ModelOutput
+
+import l2d_kernels
+
+from . import __version__
+from .arch import ArchAdapter
+from .config import CONFIG_NAME, WEIGHTS_NAME, L2DConfig
+from .latent import add_noise, sample_timesteps
+from .path import DiffusionPath, StreamContext
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class L2DOutput(ModelOutput):
+    """loss: mean (or summed) cross-entropy over supervised tokens; logits: [B, T, V] when computed
+    at every position; num_tokens: supervised tokens in the loss; t: timesteps used [B, Tq]."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+
+
+@dataclass
+class MainPathState:
+    """What the frozen main path leaves for the diffusion path."""
+
+    cache: DynamicCache          # per layer keys/values [B, kv_heads, T, head_dim], post-rotary
+    hidden: torch.Tensor         # [B, T, H] last decoder layer output, before the final norm
+    position_ids: torch.Tensor   # [B, T] rotary positions (cumsum of the mask, as generate does)
+    attention_mask: torch.Tensor  # [B, T]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions that ignore left padding, the same rule transformers' ``generate`` uses."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+class L2DModel(nn.Module):
+    """A frozen base ``*ForCausalLM`` plus a trainable :class:`DiffusionPath`.
+
+    The base keeps ``requires_grad=False`` and ``eval()`` mode for good (the path reuses modules
+    that hold dropout). Only ``self.path`` is trained and saved.
+    """
+
+    def __init__(self, base_model: nn.Module, config: L2DConfig | None = None):
+        super().__init__()
+        config = config or L2DConfig()
+        self.arch = ArchAdapter(base_model)   # raises for unsupported families, before any work
+        self.base_model = base_model
+        self.config = config
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None) or None
+        base_model.requires_grad_(False)
+        base_model.eval()
+        device = base_model.get_input_embeddings().weight.device
+        self.path = DiffusionPath(self.arch, config).to(device)
+        self._disabled = False
+        self.gradient_checkpointing = False
+
+    # --- peft-like conveniences ------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base_model.eval()
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside this context the model is exactly the base model (the path is skipped)."""
+        prev, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = prev
+
+    def gradient_checkpointing_enable(self, **_):
+        """Recompute each diffusion block in backward instead of storing its activations."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_model.get_input_embeddings().weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_model.get_input_embeddings().weight.shape[0]
+
+    def unload(self) -> nn.Module:
+        """Detach the path (its hooks) and return the untouched base model."""
+        self.path.remove_hooks()
+        return self.base_model
+
+    # --- validation ----------------------------------------------------------------------------
+    def _check_ids(self, input_ids: torch.Tensor, attention_mask, labels):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty.")
+        V = self.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"input_ids contain token ids outside [0, {V}) (min {lo}, max {hi}): "
+                             "was this tokenized with the base model's tokenizer?")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}.")
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}; "
+                                 "labels follow the transformers convention (same shape, -100 to ignore).")
+            real = labels[labels != IGNORE_INDEX]
+            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
+                raise ValueError(f"labels contain ids outside [0, {V}) other than {IGNORE_INDEX}.")
+            if not (labels[:, 1:] != IGNORE_INDEX).any():
+                raise ValueError("labels supervise no token: every label after the first position is -100 "
+                                 "(labels are shifted inside the model; mask only the prompt and padding).")
+
+    def class_tensor(self, class_labels, batch: int) -> torch.Tensor:
+        """Class labels as a [B] tensor; ``None``/-1/unknown-free names map to the null class."""
+        null = self.config.num_classes
+        if class_labels is None:
+            return torch.full((batch,), null, dtype=torch.long, device=self.device)
+        if isinstance(class_labels, (str, int)):
+            class_labels = [class_labels] * batch
+        if isinstance(class_labels, (list, tuple)):
+            ids = []
+            for c in class_labels:
+                if isinstance(c, str):
+                    if c not in self.config.class_names:
+                        raise ValueError(f"class label {c!r} is not one this adapter knows: "
+                                         f"{list(self.config.class_names)}.")
+                    c = self.config.class_names.index(c)
+                ids.append(null if c is None or c < 0 else int(c))
+            class_labels = torch.tensor(ids, dtype=torch.long)
+        labels = class_labels.to(self.device, torch.long).view(-1)
+        if labels.numel() != batch:
+            raise ValueError(f"class_labels has {labels.numel()} entries for a batch of {batch}.")
+        labels = torch.where(labels < 0, torch.full_like(labels, null), labels)
+        if int(labels.max()) > null:
+            raise ValueError(f"class label id {int(labels.max())} out of range: this adapter has "
+                             f"{self.config.num_classes} classes {list(self.config.class_names)} (+ null).")
+        return labels
+
+    # --- the main path ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_main_path(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> MainPathState:
+        """Run the frozen base once (no grad) and keep its cache and pre-norm last hidden state.
+
+        The cache is a fresh ``DynamicCache()`` without a config: one built from the config drops
+        old keys in sliding-window layers, which the diffusion stream masks itself.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        captured = {}
+        hook = self.arch.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+        try:
+            out = self.arch.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     past_key_values=cache if cache is not None else DynamicCache(), use_cache=True)
+        finally:
+            hook.remove()
+        return MainPathState(out.past_key_values, captured["h"], position_ids, attention_mask)
+
+    def stream_context(self, main: MainPathState, query_index: torch.Tensor) -> StreamContext:
+        keys = [layer.keys for layer in main.cache.layers]
+        values = [layer.values for layer in main.cache.layers]
+        pos = main.position_ids
+        if pos.shape[1] != main.attention_mask.shape[1]:  # incremental decoding: positions of the new tokens only
+            pos = positions_from_mask(main.attention_mask)
+        return StreamContext(keys, values, query_index, pos.gather(1, query_index), main.attention_mask, self.dtype)
+
+    # --- the head ------------------------------------------------------------------------------
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Frozen final norm, ``lm_head`` and the family's logit transforms, in float32."""
+        head = self.base_model.get_output_embeddings()
+        logits = F.linear(self.arch.final_norm(h), head.weight, getattr(head, "bias", None))
+        return self.arch.logits_postprocess(logits.float())
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the head over rows ``h`` [N, H] without materialising [N, V] at once."""
+        head = self.base_model.get_output_embeddings()
+        return l2d_kernels.linear_cross_entropy(self.arch.final_norm(h), head.weight, targets,
+                                                bias=getattr(head, "bias", None), reduction=reduction,
+                                                **self.arch.head_kwargs())
+
+    @torch.no_grad()
+    def expected_latent(self, h: torch.Tensor, latent_table: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """``softmax(logits) @ Z`` for rows of ``h`` [..., H], chunked over rows."""
+        flat = h.reshape(-1, h.shape[-1])
+        out = [torch.softmax(self.head_logits(part), -1) @ latent_table for part in flat.split(chunk)]
+        return torch.cat(out).view(*h.shape[:-1], -1)
+
+    def latent_table(self) -> torch.Tensor:
+        """The ``V x d`` table of all latents."""
+        return self.path.latent.table(self.base_model.get_input_embeddings().weight)
+
+    # --- training / teacher-forced forward -------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, labels=None, class_labels=None, t=None,
+                noise=None, position_ids=None, output_logits: bool | None = None,
+                self_conditioning: bool | None = None, reduction: str = "mean", **_) -> L2DOutput:
+        """Teacher-forced forward: position ``i`` predicts token ``i+1`` from its noisy latent.
+
+        With ``labels`` the path runs only at supervised positions (diffusion positions never see
+        each other, so the loss is the same as running everywhere) and ``logits`` is None unless
+        ``output_logits=True``. Without labels it runs at every position, the targets being the
+        next input tokens; the last position has none and sees pure noise scaled for its ``t``.
+
+        Args:
+            t: optional timesteps, a float or a tensor broadcastable to [B, T]; default drawn
+                from ``config.schedule`` per position.
+            noise: optional ``eps`` [B, T, d] (for reproducible tests).
+            self_conditioning: force the self-conditioning pass on/off (default: with probability
+                ``config.self_conditioning`` in training, off in eval).
+            reduction: ``mean`` over supervised tokens, or ``sum`` (for exact gradient accumulation).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._check_ids(input_ids, attention_mask, labels)
+        B, T = input_ids.shape
+        cls = self.class_tensor(class_labels, B)
+        if self.training and self.config.class_dropout > 0:
+            drop = torch.rand(B, device=cls.device) < self.config.class_dropout
+            cls = torch.where(drop, torch.full_like(cls, self.config.num_classes), cls)
+        main = self.run_main_path(input_ids, attention_mask, position_ids)
+
+        if self._disabled:
+            logits = self.head_logits(main.hidden)
+            loss = None
+            if labels is not None:
+                tgt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+                loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction=reduction)
+            return L2DOutput(loss=loss, logits=logits)
+
+        all_positions = labels is None or bool(output_logits)
+        next_tokens = labels if labels is not None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        targets = F.pad(next_tokens[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i+1
+        if all_positions:
+            query_index = torch.arange(T, device=input_ids.device).expand(B, T)
+            query_targets = targets
+        else:
+            query_index, query_targets = _pack_supervised(targets)
+
+        t_q = self._timesteps(t, B, T, query_index)
+        z = self.path.latent.lookup(self.base_model.get_input_embeddings().weight, query_targets.clamp(min=0))
+        z = z * (query_targets != IGNORE_INDEX).unsqueeze(-1)  # no target: the input is pure noise
+        if noise is not None:
+            noise = noise.to(z.device, z.dtype).gather(1, query_index.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+        x_t = add_noise(z, t_q, self.config.sigma, noise)
+
+        ctx = self.stream_context(main, query_index)
+        h_main = main.hidden.gather(1, query_index.unsqueeze(-1).expand(-1, -1, main.hidden.shape[-1]))
+        z_hat = torch.zeros_like(x_t)
+        use_sc = self_conditioning if self_conditioning is not None else (
+            self.training and torch.rand(()) < self.config.self_conditioning)
+        if use_sc:
+            with torch.no_grad():
+                h_first = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls)
+                z_hat = self.expected_latent(h_first, self.latent_table())
+        h = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls, checkpoint=self.gradient_checkpointing)
+
+        loss = num_tokens = None
+        if labels is not None:
+            sup = query_targets != IGNORE_INDEX
+            num_tokens = sup.sum()
+            loss = self.head_loss(h[sup], query_targets[sup], reduction=reduction)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite L2D loss ({loss.item()}); check the learning rate "
+                                         "and the inputs (fp16 overflow?).")
+        logits = self.head_logits(h) if all_positions and (labels is None or output_logits) else None
+        return L2DOutput(loss=loss, logits=logits, num_tokens=num_tokens, t=t_q)
+
+    def _timesteps(self, t, B: int, T: int, query_index: torch.Tensor) -> torch.Tensor:
+        if t is None:
+            cfg = self.config
+            return sample_timesteps(query_index.shape, cfg.schedule, device=query_index.device,
+                                    mean=cfg.logit_normal_mean, std=cfg.logit_normal_std)
+        t = torch.as_tensor(t, dtype=torch.float32, device=query_index.device)
+        if bool((t < 0).any()) or bool((t > 1).any()):
+            raise ValueError("t must lie in [0, 1] (0 = pure noise, 1 = clean data).")
+        return t.expand(B, T).gather(1, query_index)
+
+    # --- save / load -----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, **_) -> None:
+        """Write ``l2d_config.json`` and ``l2d_model.safetensors`` (the path only), atomically."""
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.path.state_dict().items()}
+        weights = os.path.join(save_directory, WEIGHTS_NAME)
+        tmp = weights + ".tmp"
+        save_file(state, tmp, metadata={"format": "pt", "l2d_version": __version__})
+        os.replace(tmp, weights)
+        extra = {"l2d_version": __version__, "base_fingerprint": self.arch.fingerprint()}
+        revision = getattr(self.base_model.config, "_commit_hash", None)
+        if revision and not self.config.base_model_revision:
+            self.config.base_model_revision = revision
+        self.config.save(save_directory, extra)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, adapter: str, revision: str | None = None,
+                        is_trainable: bool = False, **hub_kwargs) -> "L2DModel":
+        """Attach a saved path to ``base_model``; ``adapter`` is a local folder or a hub repo id."""
+        directory = _resolve_adapter(adapter, revision, **hub_kwargs)
+        config, extra = L2DConfig.load(directory)
+        arch = ArchAdapter(base_model)
+        _check_fingerprint(extra.get("base_fingerprint"), arch.fingerprint(), directory)
+        weights = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory!r}; the adapter is incomplete.")
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(weights)
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"{weights} could not be read as safetensors ({e}); the file is corrupt "
+                             "or truncated: re-save or re-download the adapter.") from e
+        model = cls(base_model, config)
+        expected = model.path.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(f"{weights} does not fit this base and config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}.")
+        model.path.load_state_dict(state)
+        model.path.requires_grad_(is_trainable)
+        if not is_trainable:
+            model.eval()
+        return model
+
+
+def get_l2d_model(base_model: nn.Module, config: L2DConfig | None = None) -> L2DModel:
+    """Freeze ``base_model`` and attach a fresh diffusion path (the peft ``get_peft_model`` analogue)."""
+    return L2DModel(base_model, config or L2DConfig())
+
+
+def _pack_supervised(targets: torch.Tensor):
+    """Supervised positions of each row packed to the left: ([B, Tq] index, [B, Tq] targets or -100)."""
+    sup = targets != IGNORE_INDEX
+    counts = sup.sum(1)
+    Tq = int(counts.max())
+    # Stable sort puts supervised positions first, in order.
+    order = torch.sort((~sup).to(torch.int8), dim=1, stable=True).indices[:, :Tq]
+    valid = torch.arange(Tq, device=targets.device) < counts.unsqueeze(1)
+    query_index = torch.where(valid, order, torch.zeros_like(order))
+    query_targets = torch.where(valid, targets.gather(1, order), torch.full_like(order, IGNORE_INDEX))
+    return query_index, query_targets
+
+
+def _resolve_adapter(adapter: str, revision=None, **hub_kwargs) -> str:
+    if os.path.isdir(adapter):
+        return adapter
+    if os.path.exists(adapter):
+        raise ValueError(f"{adapter!r} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(adapter, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **hub_kwargs)
+    except Exception as e:
+        raise FileNotFoundError(f"No local folder {adapter!r} and it could not be fetched from the hub ({e}).") from e
+
+
+def _check_fingerprint(saved: dict | None, current: dict, directory: str) -> None:
+    if not saved:
+        return
+    diffs = [f"{k}: adapter {saved[k]!r} vs base {current.get(k)!r}" for k in saved if saved[k] != current.get(k)]
+    if diffs:
+        raise ValueError(f"The adapter in {directory!r} was trained for another base model ("
+                         + "; ".join(diffs) + "). Load it onto the base it was trained with.")

@@ -1,0 +1,328 @@
+"""The diffusion path: conditioning, input encoder, one adaLN-zero block per layer, merge.
+
+For a query position ``i`` with noisy latent ``x_t`` of token ``y_{i+1}``:
+
+    c    = MLP(sinusoidal(t)) + class_embedding(label)
+    h_f  = Encoder([x_t / s(t), z_hat])
+    per layer l, with (dw1, shift1, gate1, dw2, shift2, gate2) = adaLN_l(c):
+      h_f += gate1 * O'( Attn( Q'( Norm_{w1+dw1}(h_f) + shift1 ), K_main_l, V_main_l ) )
+      h_f += gate2 * MLP'( Norm_{w2+dw2}(h_f) + shift2 )
+    h    = h_main_L + (m(c_t) - m(c_0)) * h_f
+
+``Q'``, ``O'``, ``MLP'`` are the layer's frozen modules plus trainable deltas. The path has no
+keys/values of its own: query ``i`` attends to the main path's keys ``0..i`` only.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+import l2d_kernels
+
+from .arch import ArchAdapter, norm_params
+from .config import L2DConfig
+from .latent import LatentMap, marginal_std
+
+
+# --- deltas on frozen projections ----------------------------------------------------------
+class LowRankDelta(nn.Module):
+    """``delta(x) = (alpha / r) * B A x`` with ``B = 0`` at init (so the frozen layer is unchanged)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+
+class FullDelta(nn.Module):
+    """The ``full`` variant: a trainable copy ``W + D`` of a frozen weight, stored as ``D = 0`` at init."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.D = nn.Parameter(torch.zeros(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.D.dtype), self.D)
+
+
+def make_delta(config: L2DConfig, in_features: int, out_features: int) -> nn.Module:
+    if config.path_variant == "full":
+        return FullDelta(in_features, out_features)
+    return LowRankDelta(in_features, out_features, config.rank, config.alpha)
+
+
+def _linear_features(module: nn.Module):
+    """(in, out) of an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+class DeltaSwitch:
+    """Turns the MLP deltas on only while the diffusion stream calls the frozen MLP.
+
+    The deltas ride on forward hooks of the MLP's own linear layers; outside ``active()`` the
+    hooks return nothing, so the main path (and the base model used alone) is untouched.
+    """
+
+    def __init__(self):
+        self.on = False
+
+    @contextlib.contextmanager
+    def active(self):
+        prev, self.on = self.on, True
+        try:
+            yield
+        finally:
+            self.on = prev
+
+
+class MLPDeltas(nn.Module):
+    """Deltas for every linear layer of one frozen MLP, or one parallel adapter when the MLP
+    holds other parameters (e.g. 3-D expert weights of mixture-of-experts)."""
+
+    def __init__(self, mlp: nn.Module, config: L2DConfig, hidden_size: int, switch: DeltaSwitch):
+        super().__init__()
+        self.switch = switch
+        self.deltas = nn.ModuleDict()
+        self.parallel = None
+        linears = {name: m for name, m in mlp.named_modules() if _linear_features(m) is not None}
+        covered = {id(p) for m in linears.values() for p in m.parameters(recurse=False)}
+        if not linears or any(id(p) not in covered for p in mlp.parameters()):
+            self.parallel = make_delta(config, hidden_size, hidden_size)
+            return
+        self._handles = []
+        for name, module in linears.items():
+            key = name.replace(".", "__")
+            self.deltas[key] = make_delta(config, *_linear_features(module))
+            self._handles.append(module.register_forward_hook(self._hook(key)))
+
+    def _hook(self, key: str):
+        def hook(module, inputs, output):
+            if self.switch.on:
+                return output + self.deltas[key](inputs[0]).to(output.dtype)
+            return None
+        return hook
+
+    def remove_hooks(self):
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+
+    def forward(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with self.switch.active():
+            out = mlp(x)
+        if self.parallel is not None:
+            out = out + self.parallel(x).to(out.dtype)
+        return out
+
+
+# --- conditioning, encoder, merge ----------------------------------------------------------
+def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """``[cos(t * f_k), sin(t * f_k)]`` with ``f_k = max_period^(-k / (dim/2))``; ``t`` in [0, 1]
+    is scaled by 1000 first so its range spans the frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0).unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Conditioning(nn.Module):
+    """``c = MLP(sinusoidal(t)) + class_embedding(label)``; row ``num_classes`` is the null class."""
+
+    def __init__(self, config: L2DConfig):
+        super().__init__()
+        self.time_features = config.time_features
+        self.time_mlp = nn.Sequential(nn.Linear(config.time_features, config.cond_dim), nn.SiLU(),
+                                      nn.Linear(config.cond_dim, config.cond_dim))
+        self.class_embedding = nn.Embedding(config.num_classes + 1, config.cond_dim)
+        self.null_class = config.num_classes
+
+    def forward(self, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """t: [B, Tq] in [0, 1]; class_labels: [B] (null class for none). Returns [B, Tq, cond_dim]."""
+        dtype = self.time_mlp[0].weight.dtype
+        c = self.time_mlp(sinusoidal(t.clamp(0.0, 1.0), self.time_features).to(dtype))
+        return c + self.class_embedding(class_labels).unsqueeze(1)
+
+
+class InputEncoder(nn.Module):
+    """``[x_t / s(t), z_hat] -> MLP -> R^H``: the initial diffusion residual (not added to embeddings)."""
+
+    def __init__(self, latent_dim: int, hidden: int, out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, out))
+
+    def forward(self, x_scaled: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        dtype = self.net[0].weight.dtype
+        return self.net(torch.cat([x_scaled, z_hat], dim=-1).to(dtype))
+
+
+# --- one block per decoder layer -----------------------------------------------------------
+class DiffusionBlock(nn.Module):
+    """adaLN-zero block that reuses decoder layer ``index`` of the frozen main path."""
+
+    def __init__(self, arch: ArchAdapter, index: int, config: L2DConfig, switch: DeltaSwitch):
+        super().__init__()
+        self.index = index
+        hidden = arch.hidden_size
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 6 * hidden))
+        nn.init.zeros_(self.adaln[1].weight)
+        nn.init.zeros_(self.adaln[1].bias)
+        q_in, q_out = arch.q_in_out(index)
+        self.q_delta = make_delta(config, q_in, q_out)
+        o_in, o_out = _linear_features(arch.o_module(index))
+        self.o_delta = make_delta(config, o_in, o_out)
+        self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch)
+
+    def modulation(self, c: torch.Tensor):
+        """(dw1, shift1, gate1, dw2, shift2, gate2), each [B, Tq, H]; all zero at init."""
+        return self.adaln(c).float().chunk(6, dim=-1)
+
+    def forward(self, arch: ArchAdapter, h: torch.Tensor, c: torch.Tensor, ctx: "StreamContext", modulation=None):
+        i = self.index
+        dw1, shift1, gate1, dw2, shift2, gate2 = self.modulation(c) if modulation is None else modulation
+        a = _modulated_norm(arch, i, "attn_norm", h, dw1, shift1)
+        attn_out = self.attention(arch, a, ctx)
+        if arch.spec.post_attn_norm:
+            attn_out = arch.norm(i, "post_attn_norm")(attn_out)
+        mlp_in = h if arch.spec.parallel else h + gate1 * attn_out.float() * arch.residual_multiplier
+        m = _modulated_norm(arch, i, "mlp_norm", mlp_in, dw2, shift2)
+        dtype = ctx.dtype
+        mlp_out = self.mlp_deltas(arch.mlp(i), m.to(dtype))
+        if arch.spec.post_mlp_norm:
+            mlp_out = arch.norm(i, "post_mlp_norm")(mlp_out)
+        if arch.spec.parallel:
+            return h + (gate1 * attn_out.float() + gate2 * mlp_out.float()) * arch.residual_multiplier
+        return mlp_in + gate2 * mlp_out.float() * arch.residual_multiplier
+
+    def attention(self, arch: ArchAdapter, a: torch.Tensor, ctx: "StreamContext") -> torch.Tensor:
+        """Queries of the diffusion stream against the main path's cached keys/values of this layer."""
+        i = self.index
+        x = a.to(ctx.dtype)
+        q = arch.query_projection(i, x) + self.q_delta(a).to(ctx.dtype)
+        q = arch.apply_rotary(i, arch.shape_queries(i, q), ctx.rotary(arch, i, x))
+        k, v = ctx.keys[i], ctx.values[i]
+        out = attend(q, k, v, ctx.mask(arch.sliding_window(i)), arch.attn_scale(i), arch.attn_softcap(i))
+        out = out.transpose(1, 2).reshape(*a.shape[:-1], -1)
+        return arch.o_module(i)(out) + self.o_delta(out).to(out.dtype)
+
+
+def _modulated_norm(arch: ArchAdapter, i: int, which: str, h, dw, shift):
+    """``Norm_{w+dw}(h) + shift`` with layer ``i``'s frozen norm (identity where the family has none)."""
+    weight, bias, eps, kind = norm_params(arch.norm(i, which), arch.spec.norm_kind)
+    return l2d_kernels.modulated_norm(h, weight, bias, dw, shift, eps, kind)
+
+
+def attend(q, k, v, mask, scale: float, softcap=None):
+    """Causal attention of queries [B, h, Tq, d] over keys/values [B, kv_h, T, d] (GQA by grouping).
+
+    ``mask`` is boolean [B, 1, Tq, T] (True = may attend). Soft-capped scores (gemma2) take the
+    explicit path; everything else goes through ``scaled_dot_product_attention``.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+class StreamContext:
+    """What every block needs from the main path for one set of query positions.
+
+    keys/values: per layer [B, kv_heads, T, head_dim], post-rotary, from the main path's cache.
+    query_index: [B, Tq] index of each query in the sequence; query_position: its rotary position.
+    key_mask: [B, T] bool, the main path's attention mask.
+    """
+
+    def __init__(self, keys, values, query_index, query_position, key_mask, dtype):
+        self.keys, self.values = keys, values
+        self.query_index = query_index
+        self.query_position = query_position
+        self.key_mask = key_mask
+        self.dtype = dtype
+        self._masks, self._rotary = {}, {}
+
+    def mask(self, window):
+        if window not in self._masks:
+            T = self.key_mask.shape[1]
+            kpos = torch.arange(T, device=self.query_index.device)
+            qpos = self.query_index.unsqueeze(-1)
+            allowed = (kpos <= qpos) & self.key_mask.bool().unsqueeze(1)
+            if window is not None:
+                allowed = allowed & (kpos > qpos - window)
+            # A query slot that sees no key (padding of the query list) would give NaN; let it see
+            # key 0 instead. Those slots are never read.
+            allowed[..., 0] |= ~allowed.any(-1)
+            self._masks[window] = allowed.unsqueeze(1)
+        return self._masks[window]
+
+    def rotary(self, arch: ArchAdapter, i: int, x: torch.Tensor):
+        key = arch.rotary_key(i)
+        if key not in self._rotary:
+            self._rotary[key] = arch.rotary(i, x, self.query_position)
+        return self._rotary[key]
+
+
+class DiffusionPath(nn.Module):
+    """All trainable parts: latent map, conditioning, encoder, one block per layer, merge head."""
+
+    def __init__(self, arch: ArchAdapter, config: L2DConfig):
+        super().__init__()
+        self.config = config
+        hidden = arch.hidden_size
+        self.switch = DeltaSwitch()
+        self.latent = LatentMap(hidden, config.latent_dim)
+        self.conditioning = Conditioning(config)
+        self.encoder = InputEncoder(config.latent_dim, config.encoder_hidden or hidden, hidden)
+        self.blocks = nn.ModuleList(DiffusionBlock(arch, i, config, self.switch) for i in range(arch.num_layers))
+        self.merge = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, hidden))
+        nn.init.zeros_(self.merge[1].weight)
+        nn.init.zeros_(self.merge[1].bias)
+
+    def remove_hooks(self):
+        for block in self.blocks:
+            block.mlp_deltas.remove_hooks()
+
+    def forward(self, arch: ArchAdapter, ctx: StreamContext, h_main: torch.Tensor, x_t: torch.Tensor,
+                t: torch.Tensor, z_hat: torch.Tensor, class_labels: torch.Tensor, checkpoint: bool = False):
+        """Merged last hidden state ``h`` [B, Tq, H] (before the frozen final norm).
+
+        h_main: [B, Tq, H] main path's last hidden states at the query positions.
+        x_t, z_hat: [B, Tq, d]; t: [B, Tq]; class_labels: [B] (null class allowed).
+        """
+        c = self.conditioning(t, class_labels)
+        s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
+        h = self.encoder(x_t.float() / s, z_hat.float()).float()
+        for block in self.blocks:
+            if checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, arch, h, c, ctx, use_reentrant=False)
+            else:
+                h = block(arch, h, c, ctx)
+        return self.merged(h_main, h, c, t, class_labels)
+
+    def merged(self, h_main, h_f, c, t, class_labels):
+        """``h_main + (m(c_t) - m(c_0)) * h_f``: exactly ``h_main`` at ``t = 0``."""
+        c0 = self.conditioning(torch.zeros_like(t), class_labels)
+        gate = self.merge(c).float() - self.merge(c0).float()
+        # Zero exactly at t=0 whatever the GEMM blocking did to equal rows: steps=0 is the base.
+        gate = torch.where((t == 0).unsqueeze(-1), torch.zeros_like(gate), gate)
+        return (h_main.float() + gate * h_f).to(h_main.dtype)
