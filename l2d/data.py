@@ -181,6 +181,21 @@ def _require_chat_template(tokenizer) -> None:
         )
 
 
+def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None,
+                  chat_template: bool = True) -> str:
+    """The text a model is given at inference for `prompt` (a string or a message list).
+
+    Same rendering as training: chat template with the generation prompt, or the raw prompt.
+    """
+    if not chat_template:
+        return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    _require_chat_template(tokenizer)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def _conversation_turns(messages: list[dict], tokenizer) -> list[tuple[str, str] | None]:
     """(prompt text, response text) for every assistant turn; None where the template disagrees.
 
@@ -248,14 +263,18 @@ def tokenize_dataset(
     messages_column: str = "messages",
     system_prompt: str | None = None,
     keep_columns: Sequence[str] = ("answer", "entry"),
+    vocab_size: int | None = None,
+    num_proc: int | None = None,
 ) -> tuple[datasets.Dataset, dict]:
     """Render and tokenize rows into training examples; returns `(examples, report)`.
 
     Conversations (`messages_column`) give one example per assistant turn, earlier turns as
     prompt. Prompt/completion rows become a user turn + an assistant turn (`system_prompt`
-    prepended when given), or with `chat_template=False` the raw prompt followed by the
-    completion and EOS. `report` counts examples, truncations and drops by reason; examples with
-    no supervised token are dropped, with a warning saying how many.
+    prepended as a system turn when given), or with `chat_template=False` the raw prompt followed
+    by the completion and EOS. Token ids must lie below `vocab_size` (default `len(tokenizer)`).
+    `keep_columns` present in the data (reasoning-gym's `answer`/`entry`) are carried along.
+    `report` counts examples, truncations and drops by reason; examples with no supervised token
+    are dropped, with a warning saying how many.
     """
     if max_length < 2:
         raise ValueError("max_length must be at least 2 (one prompt token and one response token)")
@@ -269,7 +288,7 @@ def tokenize_dataset(
         pcol, ccol = _pair_columns(columns, prompt_column, completion_column)
     kept_cols = [c for c in keep_columns if c in columns]
     label = class_label_of(category, categories)
-    vocab = len(tokenizer)
+    vocab = vocab_size or len(tokenizer)
 
     def pairs_of(row: dict) -> list[tuple[str, str] | None]:
         if conversations:
@@ -318,7 +337,7 @@ def tokenize_dataset(
         return out
 
     mapped = dataset.map(encode, batched=True, batch_size=256, remove_columns=columns,
-                         desc=f"tokenizing {source_name}")
+                         num_proc=num_proc, desc=f"tokenizing {source_name}")
     counts = Counter(mapped["status"])
     report = {"source": source_name, "rows": len(dataset), "examples": sum(counts[s] for s in _KEPT),
               "truncated": counts["truncated_prompt"] + counts["truncated_response"],

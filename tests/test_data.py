@@ -19,6 +19,7 @@ from l2d.data import (
     load_source,
     null_class_label,
     reasoning_gym_dataset,
+    render_prompt,
     tokenize_dataset,
     truncate,
 )
@@ -75,6 +76,8 @@ def test_prompt_tokens_masked_response_tokens_supervised(tok, tmp_path):
         # Every response token, end-of-turn included, is supervised with its own id.
         assert e["labels"][len(prompt):] == e["input_ids"][len(prompt):] == ids(tok, c + " </s>")
         assert len(e["labels"]) == len(e["input_ids"]) == e["length"]
+        # Inference renders the prompt exactly as training did.
+        assert ids(tok, render_prompt(tok, p)) == prompt
 
 
 def test_raw_concatenation_without_chat_template(tmp_path):
@@ -171,6 +174,9 @@ def test_token_ids_outside_the_vocabulary_raise(tmp_path):
     data = datasets.Dataset.from_dict({"prompt": ["hi"], "completion": ["seven"]})
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tokenize_dataset(data, tok)
+    # A model vocabulary smaller than the tokenizer's is checked too.
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenize_dataset(datasets.Dataset.from_dict({"prompt": ["hi"], "completion": ["ok"]}), tok, vocab_size=10)
 
 
 # ----------------------------------------------------------------- sources and categories
