@@ -1,0 +1,209 @@
+"""L2DModel: wrap, invariants, training signal, save/load, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from l2d import L2DConfig, L2DModel, get_l2d_model
+from tiny import FAMILIES, VOCAB, batch, randomize_path, tiny_base, tiny_config
+
+
+def _base_logits(base, ids, mask=None):
+    with torch.no_grad():
+        return base(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_wrap_forward_backward_save_load(family, tmp_path):
+    base = tiny_base(family)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_l2d_model(base, tiny_config())
+    ids, labels = batch()
+    model.train()
+    out = model(ids, labels=labels, class_labels=["math", "code"])
+    assert torch.isfinite(out.loss) and out.num_tokens == (labels[:, 1:] != -100).sum()
+    out.loss.backward()
+    assert all(not p.requires_grad for p in base.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.path.parameters())
+    torch.optim.AdamW(model.path.parameters(), lr=1e-2).step()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), f"base parameter {k} changed"
+
+    randomize_path(model)
+    model.eval()
+    t = torch.rand(2, 12)
+    noise = torch.randn(2, 12, 16)
+    ref = model(ids, t=t, noise=noise, class_labels=[0, 1]).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["l2d_config.json", "l2d_model.safetensors"]
+    cfg = json.load(open(tmp_path / "l2d_config.json"))
+    assert cfg["_l2d"]["base_fingerprint"]["model_type"] == base.config.model_type
+    assert cfg["_l2d"]["l2d_version"]
+    loaded = L2DModel.from_pretrained(tiny_base(family), str(tmp_path))
+    got = loaded(ids, t=t, noise=noise, class_labels=[0, 1]).logits
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox", "granite", "olmo2"])
+def test_t0_equals_the_base_before_and_after_training(family):
+    base = tiny_base(family)
+    model = get_l2d_model(base, tiny_config()).eval()
+    ids, _ = batch(seed=3)
+    ref = _base_logits(base, ids)
+    for t in (0.0, 0.3, 0.99):  # at init the path is the identity at every t
+        assert (model(ids, t=t).logits - ref).abs().max() < 1e-5
+    randomize_path(model)
+    assert (model(ids, t=0.0).logits - ref).abs().max() < 1e-5
+    assert (model(ids, t=0.7).logits - ref).abs().max() > 1e-3  # the path does something off t=0
+
+
+def test_loss_is_the_same_at_supervised_positions_only_and_at_all_positions():
+    model = get_l2d_model(tiny_base("qwen3"), tiny_config(self_conditioning=0.0)).eval()
+    randomize_path(model)
+    ids, labels = batch(T=14)
+    labels[1, :9] = -100  # rows supervise different numbers of tokens
+    t, noise = torch.rand(2, 14), torch.randn(2, 14, 16)
+    packed = model(ids, labels=labels, t=t, noise=noise).loss
+    everywhere = model(ids, labels=labels, t=t, noise=noise, output_logits=True)
+    torch.testing.assert_close(packed, everywhere.loss, atol=1e-5, rtol=1e-5)
+    assert everywhere.logits.shape == (2, 14, VOCAB)
+
+
+def test_self_conditioning_changes_the_input_and_keeps_gradients_on_the_second_pass():
+    model = get_l2d_model(tiny_base("llama"), tiny_config()).eval()
+    randomize_path(model)
+    ids, labels = batch()
+    t, noise = torch.full((2, 12), 0.8), torch.randn(2, 12, 16)
+    off = model(ids, labels=labels, t=t, noise=noise, self_conditioning=False).loss
+    on = model(ids, labels=labels, t=t, noise=noise, self_conditioning=True)
+    assert not torch.allclose(off, on.loss)
+    on.loss.backward()
+    assert model.path.encoder.net[0].weight.grad is not None
+
+
+def test_timestep_schedules_follow_their_distributions():
+    from l2d.latent import sample_timesteps
+
+    for schedule in ("cosmap", "uniform", "logit_normal"):
+        t = sample_timesteps((20000,), schedule, generator=torch.Generator().manual_seed(0))
+        assert t.min() >= 0 and t.max() <= 1
+        assert abs(float(t.mean()) - 0.5) < 0.02  # all three are symmetric about 1/2
+    # cosmap inverts t = 1 - 1 / (tan(pi u / 2) + 1): P(t <= x) = (2 / pi) atan(x / (1 - x)).
+    cos = sample_timesteps((20000,), "cosmap", generator=torch.Generator().manual_seed(0))
+    for x in (0.1, 0.3, 0.5, 0.8):
+        expected = 2 / torch.pi * torch.atan(torch.tensor(x / (1 - x)))
+        assert abs(float((cos <= x).float().mean()) - float(expected)) < 0.015
+
+
+def test_latents_have_norm_sqrt_d():
+    model = get_l2d_model(tiny_base("llama"), tiny_config(latent_dim=16))
+    z = model.latent_table()
+    assert z.shape == (VOCAB, 16)
+    nonzero = model.base_model.get_input_embeddings().weight.abs().sum(-1) > 0  # the pad row is all zeros
+    torch.testing.assert_close(z[nonzero].norm(dim=-1), torch.full((int(nonzero.sum()),), 4.0), atol=1e-5, rtol=0)
+    assert torch.isfinite(z).all()
+
+
+@pytest.mark.parametrize("variant", ["lora", "full"])
+def test_a_tiny_model_learns(variant):
+    torch.manual_seed(0)
+    # A wider init than the default 0.02: with hidden 32 a 0.02 head cannot make confident logits.
+    base = tiny_base("llama", initializer_range=0.2)
+    model = get_l2d_model(base, tiny_config(path_variant=variant, self_conditioning=0.0, class_dropout=0.0))
+    # Fixed data the random base cannot know: after a prompt, the answer is a fixed function of it.
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, VOCAB, (16, 6), generator=g)
+    answers = (prompts[:, :3] * 7 + 5) % (VOCAB - 3) + 3
+    ids = torch.cat([prompts, answers], 1)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, t=0.98).logits[:, 5:-1]
+        base_logits = _base_logits(base, ids)[:, 5:-1]
+    target = ids[:, 6:]
+    acc = (logits.argmax(-1) == target).float().mean()
+    base_acc = (base_logits.argmax(-1) == target).float().mean()
+    assert acc > base_acc + 0.2
+    assert (model(ids, t=0.0).logits - _base_logits(base, ids)).abs().max() < 1e-5
+
+
+def test_bfloat16_runs_and_keeps_t0_exact():
+    base = tiny_base("llama", dtype=torch.bfloat16)
+    model = get_l2d_model(base, tiny_config())
+    ids, labels = batch()
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    randomize_path(model)
+    ref = _base_logits(base, ids).float()
+    assert (model(ids, t=0.0).logits - ref).abs().max() < 1e-2  # bf16 head in a different GEMM shape
+
+
+def test_disable_adapter_is_the_base_and_training_mode_keeps_base_in_eval():
+    base = tiny_base("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    model = get_l2d_model(base, tiny_config())
+    randomize_path(model)
+    model.train()
+    assert not base.training
+    ids, _ = batch()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids, t=0.9).logits, _base_logits(base, ids))
+
+
+# --- bad input --------------------------------------------------------------------------------
+def test_adapter_for_another_base_is_refused(tmp_path):
+    get_l2d_model(tiny_base("llama"), tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="hidden_size: adapter 32 vs base 64"):
+        L2DModel.from_pretrained(tiny_base("llama", hidden_size=64), str(tmp_path))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        L2DModel.from_pretrained(tiny_base("llama", num_hidden_layers=3), str(tmp_path))
+    with pytest.raises(ValueError, match="vocab_size"):
+        L2DModel.from_pretrained(tiny_base("llama", vocab_size=100), str(tmp_path))
+
+
+def test_missing_and_corrupt_adapter_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="l2d_config.json"):
+        L2DModel.from_pretrained(tiny_base("llama"), str(tmp_path))
+    get_l2d_model(tiny_base("llama"), tiny_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "l2d_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        L2DModel.from_pretrained(tiny_base("llama"), str(tmp_path))
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="l2d_model.safetensors"):
+        L2DModel.from_pretrained(tiny_base("llama"), str(tmp_path))
+    (tmp_path / "l2d_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        L2DModel.from_pretrained(tiny_base("llama"), str(tmp_path))
+
+
+def test_bad_batches_fail_before_any_work():
+    model = get_l2d_model(tiny_base("llama"), tiny_config())
+    ids, labels = batch()
+    with pytest.raises(ValueError, match="supervise no token"):
+        model(ids, labels=torch.full_like(labels, -100))
+    bad = ids.clone()
+    bad[0, 0] = VOCAB
+    with pytest.raises(ValueError, match="outside"):
+        model(bad, labels=labels)
+    with pytest.raises(ValueError, match="not one this adapter knows"):
+        model(ids, labels=labels, class_labels=["poetry", "math"])
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        model(ids, t=1.5)
+    with pytest.raises(ValueError, match="unknown keys"):
+        L2DConfig.from_dict({"sigmaa": 3})
+    with pytest.raises(ValueError, match="schedule"):
+        L2DConfig(schedule="linear")
