@@ -114,3 +114,60 @@ def test_hostile_text_is_never_executed(hostile):
     # Must return quickly without running anything; the only acceptable outcomes are booleans.
     assert is_equivalent(hostile, "5") is False
     assert parse_number(hostile) is None
+
+
+# ----------------------------------------------------------------------------- math tasks
+
+import json
+
+from l2d.eval.tasks import GSM8K_FEWSHOT, get_task
+
+
+def test_gsm8k_fewshot_exemplars_are_self_consistent():
+    assert len(GSM8K_FEWSHOT) == 8
+    for question, solution in GSM8K_FEWSHOT:
+        # each worked answer ends with the marker, and its last equation yields that number
+        answer = extract_gsm8k_answer(solution)
+        assert answer is not None
+        assert extract_last_number(solution.rsplit("####", 1)[0]) == answer
+
+
+def test_gsm8k_task_from_a_local_file(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+            {"question": "What is 1,000 + 234?", "answer": "#### 1,234"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = get_task("gsm8k", path=str(path))
+    assert [ex.gold for ex in task.examples] == ["5", "1234"]
+    ex = task.examples[0]
+    assert ex.messages[0]["role"] == "system" and ex.messages[-1] == {"role": "user", "content": "What is 2 + 3?"}
+    assert len(ex.messages) == 1 + 2 * 8 + 1
+    assert ex.prompt.endswith("Question: What is 2 + 3?\nAnswer:")
+    assert task.score_all(task.examples, ["so 5\n#### 5", "The total is $1,234."]) == [True, True]
+    assert task.score(ex, "#### 6") is False
+
+
+def test_math_task_takes_the_boxed_gold(tmp_path):
+    path = tmp_path / "math.jsonl"
+    path.write_text(json.dumps({"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$.",
+                                "level": "Level 1", "type": "Algebra"}))
+    task = get_task("math", path=str(path))
+    ex = task.examples[0]
+    assert ex.gold == "\\frac{1}{2}"
+    assert task.score(ex, "So the answer is $\\boxed{0.5}$") and not task.score(ex, "\\boxed{2}")
+
+
+@pytest.mark.parametrize("name", ["basic_arithmetic", "chain_sum", "gsm_symbolic"])
+def test_reasoning_gym_tasks_score_their_own_gold(name):
+    task = get_task(name, size=4)
+    assert len(task) == 4
+    again = get_task(name, size=4)
+    assert [e.gold for e in again.examples] == [e.gold for e in task.examples]  # fixed seed
+    for ex in task.examples:
+        assert task.score(ex, f"Working...\n#### {ex.gold}")
+        assert not task.score(ex, "#### 123456789")
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(KeyError, match="gsm8k.*humaneval"):
+        get_task("gsm9k")

