@@ -123,6 +123,17 @@ def test_modulated_norm_weight_none_means_unit_gain():
             _close(y, expected.detach(), (2e-5, 2e-5), f"{backend} {kind}")
 
 
+def test_modulated_norm_out_dtype_is_the_float32_result_rounded():
+    """``out_dtype=bf16`` stores the float32 result rounded once, on both backends."""
+    inputs = _norm_inputs((5, 123), torch.bfloat16, "rms")
+    y32 = ref.modulated_norm_ref(*inputs, 1e-6, "rms").detach()
+    for backend in BACKENDS:
+        with l2d_kernels.use_backend(backend):
+            y = l2d_kernels.modulated_norm(*inputs, 1e-6, "rms", out_dtype=torch.bfloat16)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y32.to(torch.bfloat16), atol=0, rtol=1 / 128)
+
+
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_modulated_norm_non_contiguous_and_broadcast_inputs(kind):
     """Strided rows, a transposed x and per-sequence (broadcast) dw/shift give the reference's values and grads."""
