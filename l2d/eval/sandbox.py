@@ -258,8 +258,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    try:
-        proc.kill()
+    try:  # not proc.kill(): Popen.send_signal polls first and would reap the process behind
+        os.kill(proc.pid, signal.SIGKILL)  # _wait's back (it is not reaped yet: pid still ours)
     except ProcessLookupError:
         pass
 
@@ -273,7 +273,10 @@ def _wait(proc: subprocess.Popen, timeout: float | None) -> tuple[int | None, fl
     deadline = None if timeout is None else time.monotonic() + timeout
     pause = 0.002
     while True:
-        pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
+        try:
+            pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere; the exit code is all that is left
+            return (proc.returncode if proc.returncode is not None else -1), 0.0
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             return proc.returncode, usage.ru_utime + usage.ru_stime
