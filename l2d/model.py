@@ -319,6 +319,12 @@ class L2DModel(nn.Module):
             raise ValueError("t must lie in [0, 1] (0 = pure noise, 1 = clean data).")
         return t.expand(B, T).gather(1, query_index)
 
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Token loop with an ODE per token; ``steps=0`` is the base model. See :func:`l2d.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # --- save / load -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, **_) -> None:
         """Write ``l2d_config.json`` and ``l2d_model.safetensors`` (the path only), atomically."""

@@ -1,0 +1,324 @@
+"""Generation: autoregressive over tokens, an ODE over each new token's latent.
+
+For every new token: (1) the frozen main path runs once on the last token, updating its KV
+cache and keeping its pre-norm hidden state; (2) from ``x ~ N(0, sigma^2 I)`` at ``t = 0`` a solver
+integrates ``dx/dt = v(t, x)`` to ``t = 1``, where each evaluation (NFE) runs only the diffusion
+path for that one position against the cached keys/values (nothing is written to the cache);
+(3) the logits of the final evaluation pick the token.
+
+What ``steps`` counts: steps of a fixed-grid solver over ``[0, 1]``. A token then costs
+``steps * k + 1`` evaluations, ``k`` = 1 (euler), 2 (midpoint, heun), 4 (rk4), the ``+ 1``
+being the read-out at ``t = 1`` on the integrated latent (``readout="final"``). With
+``readout="last"`` the token comes from the last evaluation inside the solve (no extra NFE; with
+euler and one step that evaluation is at ``t = 0``, i.e. the base model). ``steps=0`` skips the
+path entirely: the base model, token for token. Adaptive solvers take ``steps=None``; their NFE
+is whatever reaches ``rtol``/``atol``, capped by ``max_nfe``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .latent import time_grid  # noqa: F401  (re-exported for users building grids)
+from .model import L2DModel, positions_from_mask
+from .solvers import (ADAPTIVE_SOLVERS, FIXED_SOLVERS, StopIntegration, check_solver,
+                      integrate_adaptive, integrate_fixed)
+
+ESTIMATES = ("argmax", "sample", "expected")
+
+
+@dataclass
+class L2DGenerateOutput:
+    """``sequences``: [B, prompt + new]; ``nfe``: evaluations spent on each generated token."""
+
+    sequences: torch.Tensor
+    nfe: list[int] = field(default_factory=list)
+
+    @property
+    def mean_nfe(self) -> float:
+        return sum(self.nfe) / max(1, len(self.nfe))
+
+
+@dataclass
+class EarlyStop:
+    """Stop integrating a token once its prediction has settled: the argmax unchanged over
+    ``patience`` consecutive evaluations with probability at least ``threshold`` (every row)."""
+
+    threshold: float = 0.9
+    patience: int = 2
+
+
+class TokenField:
+    """The velocity of one token's latent, ``v(t, x) = (x1_hat - x) / (1 - t)``.
+
+    ``x1_hat`` is the latent of the argmax token, of a sampled token, or the expected latent
+    ``softmax(logits) @ Z``. Each evaluation feeds the previous one's expected latent as
+    ``z_hat`` (self-conditioning). With guidance the conditional and unconditional passes run
+    as one batch and ``v = w v_cond + (1 - w) v_uncond``. The denominator is floored at
+    ``min_gap``: adaptive solvers evaluate slightly beyond ``t = 1``.
+    """
+
+    def __init__(self, model: L2DModel, ctx, h_main, class_labels, latent_table, estimate: str,
+                 guidance_scale, temperature: float, generator, max_nfe, early_stop: EarlyStop | None,
+                 min_gap: float = 1e-3):
+        self.model, self.ctx, self.h_main, self.cls = model, ctx, h_main, class_labels
+        self.Z = latent_table
+        self.estimate, self.w = estimate, guidance_scale
+        self.temperature, self.generator = temperature, generator
+        self.max_nfe, self.early_stop, self.min_gap = max_nfe, early_stop, min_gap
+        self.nfe = 0
+        self.logits = None
+        self.z_hat = None
+        self._streak, self._last_argmax = 0, None
+
+    def evaluate(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, V] of the path at ``(t, x)`` (guidance applied); updates ``z_hat``."""
+        model = self.model
+        B = x.shape[0]
+        tt = torch.full((B, 1), min(max(t, 0.0), 1.0), device=x.device)
+        z_hat = torch.zeros_like(x) if self.z_hat is None else self.z_hat
+        if self.w is None:
+            h = model.path(model.arch, self.ctx, self.h_main, x, tt, z_hat, self.cls)
+            logits = model.head_logits(h)
+        else:
+            null = torch.full_like(self.cls, model.config.num_classes)
+            h = model.path(model.arch, self.ctx, self.h_main.repeat(2, 1, 1), x.repeat(2, 1, 1),
+                           tt.repeat(2, 1), z_hat.repeat(2, 1, 1), torch.cat([self.cls, null]))
+            cond, uncond = model.head_logits(h).chunk(2)
+            logits = self.w * cond + (1 - self.w) * uncond
+        self.nfe += 1
+        self.logits = logits
+        self.z_hat = torch.softmax(logits, -1) @ self.Z
+        return logits
+
+    def x1_hat(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.estimate == "expected":
+            return torch.softmax(logits / self.temperature, -1) @ self.Z
+        if self.estimate == "sample":
+            probs = torch.softmax(logits[:, 0] / self.temperature, -1)
+            tok = _multinomial(probs, self.generator)
+        else:
+            tok = logits.argmax(-1)
+        return self.Z[tok]
+
+    def __call__(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        if self.max_nfe is not None and self.nfe >= self.max_nfe:
+            raise StopIntegration("max_nfe")
+        logits = self.evaluate(t, x)
+        if self.early_stop is not None and self._settled(logits):
+            raise StopIntegration("settled")
+        return (self.x1_hat(logits).to(x.dtype) - x) / max(1.0 - t, self.min_gap)
+
+    def _settled(self, logits) -> bool:
+        probs = torch.softmax(logits.float(), -1)
+        top_p, top = probs.max(-1)
+        same = self._last_argmax is not None and bool((top == self._last_argmax).all())
+        confident = bool((top_p >= self.early_stop.threshold).all())
+        self._streak = self._streak + 1 if (same and confident) else (1 if confident else 0)
+        self._last_argmax = top
+        return self._streak >= self.early_stop.patience
+
+
+def _check_inputs(model: L2DModel, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol,
+                  max_nfe, estimate, guidance_scale, class_label, temperature, top_k, top_p, readout):
+    check_solver(solver, steps, rtol, atol, max_nfe)
+    if estimate not in ESTIMATES:
+        raise ValueError(f"unknown estimate {estimate!r}; choose one of {ESTIMATES}.")
+    if readout not in ("final", "last"):
+        raise ValueError(f"readout must be 'final' or 'last', got {readout!r}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if temperature <= 0:
+        raise ValueError("temperature must be positive (use do_sample=False for greedy decoding).")
+    if top_k is not None and top_k < 1:
+        raise ValueError("top_k must be a positive integer.")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError("top_p must lie in (0, 1].")
+    if guidance_scale is not None and class_label is None:
+        raise ValueError("guidance_scale needs class_label: guidance contrasts the class-conditional "
+                         "velocity with the unconditional one.")
+    model._check_ids(input_ids, attention_mask, None)
+    limit = getattr(model.base_model.config, "max_position_embeddings", None) or \
+        getattr(model.base_model.config, "n_positions", None)
+    if limit is not None:
+        if input_ids.shape[1] > limit:
+            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, longer than the model's context "
+                             f"of {limit}: truncate it.")
+        if input_ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {limit}: lower max_new_tokens.")
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator):
+    """Greedy or sampled next token from [B, V] logits (temperature, then top-k, then top-p)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return _multinomial(torch.softmax(logits, -1), generator)[:, 0]
+
+
+def _row_generators(seed, generator, batch: int, device):
+    """Per-row random streams, so a row's result does not depend on what it is batched with.
+
+    ``seed`` may be an int (row ``i`` gets ``seed + i``) or one int per row; a single
+    ``generator`` drives the whole batch; neither means torch's global RNG.
+    """
+    if generator is not None:
+        return generator
+    if seed is None:
+        return None
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(batch)]
+    if len(seeds) != batch:
+        raise ValueError(f"seed has {len(seeds)} entries for a batch of {batch}.")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def _randn(rngs, shape, device):
+    if isinstance(rngs, list):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in rngs])
+    return torch.randn(shape, generator=rngs, device=device)
+
+
+def _multinomial(probs, rngs):
+    """One draw per row of ``probs`` [B, V] -> [B, 1]."""
+    if isinstance(rngs, list):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, rngs)])
+    return torch.multinomial(probs, 1, generator=rngs)
+
+
+def _hit_stop_string(tokenizer, generated: torch.Tensor, stop_strings) -> torch.Tensor:
+    """Rows whose generated text so far contains a stop string."""
+    texts = tokenizer.batch_decode(generated.tolist(), skip_special_tokens=False)
+    return torch.tensor([any(s in text for s in stop_strings) for text in texts], device=generated.device)
+
+
+def _eos_set(model, eos_token_id):
+    if eos_token_id is None:
+        eos_token_id = getattr(model.base_model.generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])}
+
+
+@torch.no_grad()
+def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 64, steps: int | None = 0, solver: str = "euler", grid: str = "uniform",
+             rtol: float = 1e-3, atol: float = 1e-3, max_nfe: int | None = None,
+             estimate: str = "expected", readout: str = "final", early_stop: EarlyStop | None = None,
+             class_label=None, guidance_scale: float | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
+             eos_token_id=None, pad_token_id: int | None = None, stop_strings=None, tokenizer=None,
+             streamer=None, return_dict_in_generate: bool = False):
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (left-padded for batches).
+
+    Args:
+        steps: fixed-grid steps per token (0 = the base model); None with an adaptive solver.
+        solver: euler | midpoint | heun | rk4 | dopri5 | bosh3 | adaptive_heun.
+        grid: fixed-grid spacing, ``uniform`` or ``cosmap``.
+        rtol, atol, max_nfe: adaptive tolerances and the evaluation cap per token (also caps fixed grids).
+        estimate: the velocity's clean-latent estimate, ``argmax``, ``sample`` or ``expected``.
+        readout: ``final`` (one evaluation at t=1 on the integrated latent) or ``last``.
+        early_stop: an :class:`EarlyStop` to end a token's solve once its prediction settles.
+        class_label, guidance_scale: class conditioning and classifier-free guidance weight ``w``.
+        do_sample, temperature, top_k, top_p: token choice from the final logits.
+        seed: int (row i uses seed + i) or one per row; makes noise and sampling reproducible and
+            independent of batching. generator: one torch.Generator for the whole batch instead.
+        eos_token_id, pad_token_id, stop_strings (with ``tokenizer``), streamer: as in transformers.
+    Returns:
+        ``sequences`` [B, prompt + new], or an :class:`L2DGenerateOutput` with NFE per token.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _check_inputs(model, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol, max_nfe,
+                  estimate, guidance_scale, class_label, temperature, top_k, top_p, readout)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need tokenizer= to decode the generated text.")
+    B = input_ids.shape[0]
+    rngs = _row_generators(seed, generator, B, input_ids.device)
+    eos = _eos_set(model, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(model.base_model.generation_config, "pad_token_id", None)
+        pad_token_id = min(eos) if pad_token_id is None and eos else (pad_token_id or 0)
+    cls = model.class_tensor(class_label, B)
+    use_path = steps != 0 and not model._disabled
+    latent_table = model.latent_table().float() if use_path else None  # once per call, never per step
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+
+    sequences, mask = input_ids, attention_mask
+    main = model.run_main_path(input_ids, mask)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    nfe_log = []
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for _ in range(max_new_tokens):
+        h_last = main.hidden[:, -1:]
+        if use_path:
+            logits, nfe = _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol,
+                                       max_nfe, estimate, readout, early_stop, guidance_scale, temperature, rngs)
+        else:
+            logits, nfe = model.head_logits(h_last), 0
+        nfe_log.append(nfe)
+        nxt = _pick(logits[:, -1].float(), do_sample, temperature, top_k, top_p, rngs)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        sequences = torch.cat([sequences, nxt[:, None]], 1)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if eos:
+            finished |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+        if stop_strings:
+            finished |= _hit_stop_string(tokenizer, sequences[:, input_ids.shape[1]:], stop_strings)
+        if bool(finished.all()):
+            break
+        pos = positions_from_mask(mask)[:, -1:]
+        main = model.run_main_path(nxt[:, None], mask, position_ids=pos, cache=main.cache)
+    if streamer is not None:
+        streamer.end()
+    if return_dict_in_generate:
+        return L2DGenerateOutput(sequences=sequences, nfe=nfe_log)
+    return sequences
+
+
+def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol, max_nfe,
+                 estimate, readout, early_stop, guidance_scale, temperature, rngs):
+    """Integrate one token's latent from noise to t=1; returns (logits [B, 1, V], NFE)."""
+    B = h_last.shape[0]
+    T = main.attention_mask.shape[1]
+    query_index = torch.full((B, 1), T - 1, dtype=torch.long, device=h_last.device)
+    ctx = model.stream_context(main, query_index)
+    if guidance_scale is not None:  # cond and uncond as one batch: the K/V are shared by both halves
+        ctx.keys = [k.repeat(2, 1, 1, 1) for k in ctx.keys]
+        ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]
+        ctx.query_index, ctx.query_position = query_index.repeat(2, 1), ctx.query_position.repeat(2, 1)
+        ctx.key_mask = ctx.key_mask.repeat(2, 1)
+    fld = TokenField(model, ctx, h_last, cls, latent_table, estimate, guidance_scale, temperature, rngs,
+                     max_nfe, early_stop)
+    x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device)
+    stopped = None
+    try:
+        if solver in FIXED_SOLVERS:
+            x1 = integrate_fixed(fld, x0, steps, solver, grid)
+        else:
+            x1 = integrate_adaptive(fld, x0, solver, rtol, atol)
+    except StopIntegration as why:
+        stopped = str(why)
+        if stopped == "max_nfe":
+            warnings.warn(f"{solver}: this token's solve hit max_nfe={max_nfe} before t=1; it is read out "
+                          "from its last evaluation.", RuntimeWarning, stacklevel=3)
+    if stopped is None and (readout == "final" or fld.logits is None):
+        fld.evaluate(1.0, x1)
+    return fld.logits, fld.nfe
+
+
+__all__ = ["generate", "L2DGenerateOutput", "EarlyStop", "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "ESTIMATES"]

@@ -1,0 +1,192 @@
+"""generate(steps=N): the token loop, solvers, NFE accounting, guidance, early stop, bad input."""
+import math
+import warnings
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from l2d import get_l2d_model
+from l2d.generation import EarlyStop, TokenField
+from l2d.solvers import FIXED_SOLVERS, integrate_adaptive, integrate_fixed, nfe_per_token
+from tiny import batch, randomize_path, tiny_base, tiny_config
+
+
+def _model(family="llama", **cfg):
+    model = get_l2d_model(tiny_base(family), tiny_config(**cfg)).eval()
+    randomize_path(model)
+    return model
+
+
+def _left_padded(seed=0):
+    ids, _ = batch(seed=seed, B=3, T=7)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    ids[2, :1], mask[2, :1] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2", "phi3"])
+def test_steps_0_is_base_generate_token_for_token(family):
+    model = _model(family)
+    ids, mask = _left_padded()
+    ref = model.base_model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                    pad_token_id=0, eos_token_id=2)
+    got = model.generate(ids, mask, max_new_tokens=10, steps=0, eos_token_id=2, pad_token_id=0)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_fixed_solvers_converge_at_their_order_on_an_analytic_ode(solver, order):
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    exact = x0 * math.exp(-1.0)  # dx/dt = -x
+    errs = [float((integrate_fixed(lambda t, x: -x, x0, n, solver) - exact).abs().max()) for n in (8, 16)]
+    assert errs[1] < errs[0]
+    assert errs[0] / errs[1] == pytest.approx(2 ** order, rel=0.25)
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "bosh3", "adaptive_heun"])
+def test_adaptive_solvers_meet_their_tolerance(solver):
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    got = integrate_adaptive(lambda t, x: -x, x0, solver, rtol=1e-6, atol=1e-8)
+    assert (got - x0 * math.exp(-1.0)).abs().max() < 1e-4
+
+
+def test_the_token_ode_converges_as_steps_grow():
+    model = _model()
+    ids, _ = batch(B=1, T=6)
+    main = model.run_main_path(ids)
+    ctx = model.stream_context(main, torch.tensor([[5]]))
+    Z = model.latent_table().float()
+    x0 = model.config.sigma * torch.randn(1, 1, Z.shape[-1], generator=torch.Generator().manual_seed(0))
+
+    def solve(n):
+        field = TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
+                           None, 1.0, None, None, None)
+        return integrate_fixed(field, x0, n, "euler")
+
+    with torch.no_grad():
+        sols = {n: solve(n) for n in (4, 16, 64, 256, 1024)}
+    diffs = [float((sols[n] - sols[4 * n]).norm()) for n in (4, 16, 64, 256)]
+    # The 1 / (1 - t) factor makes the field stiff near t = 1, so the rate is below the solver's order,
+    # but successive refinements must keep getting closer.
+    assert all(a > b for a, b in zip(diffs, diffs[1:])), diffs
+    assert diffs[-1] < 0.6 * diffs[0], diffs
+
+
+@pytest.mark.parametrize("solver", sorted(FIXED_SOLVERS))
+@pytest.mark.parametrize("steps", [1, 3])
+def test_nfe_per_token_matches_the_formula(solver, steps):
+    model = _model()
+    ids, mask = _left_padded()
+    out = model.generate(ids, mask, max_new_tokens=3, steps=steps, solver=solver, seed=0, eos_token_id=[],
+                         return_dict_in_generate=True)
+    assert out.nfe == [nfe_per_token(solver, steps)] * 3 == [FIXED_SOLVERS[solver] * steps + 1] * 3
+    last = model.generate(ids, mask, max_new_tokens=2, steps=steps, solver=solver, seed=0, eos_token_id=[],
+                          readout="last", return_dict_in_generate=True)
+    assert last.nfe == [FIXED_SOLVERS[solver] * steps] * 2
+
+
+def test_batched_and_unbatched_generation_agree():
+    model = _model()
+    ids, mask = _left_padded(seed=4)
+    kw = dict(max_new_tokens=6, steps=3, solver="midpoint", eos_token_id=2, pad_token_id=0)
+    together = model.generate(ids, mask, seed=[10, 11, 12], **kw)
+    for row in range(3):
+        keep = mask[row].bool()
+        alone = model.generate(ids[row:row + 1, keep], seed=[10 + row], **kw)
+        n = alone.shape[1] - int(keep.sum())
+        assert torch.equal(together[row, ids.shape[1]:ids.shape[1] + n], alone[0, int(keep.sum()):])
+
+
+def test_guidance_scale_one_equals_unguided_and_other_scales_differ():
+    model = _model()
+    ids, mask = _left_padded()
+    kw = dict(max_new_tokens=5, steps=4, seed=0, class_label="math", eos_token_id=[])
+    plain = model.generate(ids, mask, **kw)
+    assert torch.equal(model.generate(ids, mask, guidance_scale=1.0, **kw), plain)
+    assert not torch.equal(model.generate(ids, mask, guidance_scale=4.0, **kw), plain)
+
+
+def test_early_stop_never_spends_more_than_the_fixed_budget():
+    model = _model()
+    ids, mask = _left_padded()
+    budget = nfe_per_token("euler", 12)
+    out = model.generate(ids, mask, max_new_tokens=6, steps=12, seed=0, eos_token_id=[],
+                         early_stop=EarlyStop(threshold=0.0, patience=2), return_dict_in_generate=True)
+    assert all(n <= budget for n in out.nfe) and min(out.nfe) == 2  # threshold 0 settles as soon as argmax repeats
+
+
+def test_max_nfe_ends_an_adaptive_solve_with_a_warning():
+    model = _model()
+    ids, mask = _left_padded()
+    with pytest.warns(RuntimeWarning, match="max_nfe=5"):
+        out = model.generate(ids, mask, max_new_tokens=2, steps=None, solver="dopri5", max_nfe=5, seed=0,
+                             eos_token_id=[], return_dict_in_generate=True)
+    assert out.nfe == [5, 5]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = _model()
+    ids, mask = _left_padded()
+    kw = dict(max_new_tokens=6, steps=2, do_sample=True, temperature=1.5, top_k=20, top_p=0.9, eos_token_id=[])
+    a = model.generate(ids, mask, seed=3, **kw)
+    assert torch.equal(a, model.generate(ids, mask, seed=3, **kw))
+    assert not torch.equal(a, model.generate(ids, mask, seed=4, **kw))
+    for estimate in ("argmax", "sample", "expected"):
+        model.generate(ids, mask, max_new_tokens=2, steps=2, estimate=estimate, seed=0)
+
+
+class _Recorder(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+class _DigitTokenizer:
+    """Decodes id k to the text of k followed by a space (enough for stop strings)."""
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return ["".join(f"{i} " for i in row) for row in rows]
+
+
+def test_streamer_and_stop_strings_and_eos():
+    model = _model()
+    ids, _ = batch(B=1, T=5)
+    rec = _Recorder()
+    out = model.generate(ids, max_new_tokens=5, steps=2, seed=0, streamer=rec, eos_token_id=[])
+    assert rec.ended and torch.equal(rec.chunks[0], ids)
+    assert torch.equal(torch.cat([c.view(-1) for c in rec.chunks[1:]]), out[0, 5:])
+    first = int(out[0, 5])
+    stopped = model.generate(ids, max_new_tokens=5, steps=2, seed=0, eos_token_id=[],
+                             stop_strings=[f"{first} "], tokenizer=_DigitTokenizer())
+    assert stopped.shape[1] == 6
+    at_eos = model.generate(ids, max_new_tokens=5, steps=2, seed=0, eos_token_id=first)
+    assert at_eos.shape[1] == 6
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(steps=-1), "non-negative integer"),
+    (dict(steps=2.5), "non-negative integer"),
+    (dict(steps=True), "non-negative integer"),
+    (dict(steps=4, solver="leapfrog"), "unknown solver"),
+    (dict(steps=None, solver="euler"), "fixed number of steps"),
+    (dict(steps=None, solver="dopri5", rtol=0.0), "rtol"),
+    (dict(steps=None, solver="dopri5", atol=2.0), "atol"),
+    (dict(steps=2, class_label="poetry"), "not one this adapter knows"),
+    (dict(steps=2, guidance_scale=2.0), "guidance_scale needs class_label"),
+    (dict(steps=2, max_new_tokens=200), "context"),
+    (dict(steps=2, estimate="mode"), "unknown estimate"),
+    (dict(steps=2, max_nfe=0), "max_nfe"),
+])
+def test_bad_generate_arguments_fail_before_generating(kwargs, match):
+    model = _model()
+    ids, _ = batch(B=1, T=5)
+    kwargs.setdefault("max_new_tokens", 4)
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, **kwargs)
