@@ -66,8 +66,8 @@ def test_the_token_ode_converges_as_steps_grow():
         return integrate_fixed(field, x0, n, "euler")
 
     with torch.no_grad():
-        sols = {n: solve(n) for n in (4, 16, 64, 256, 1024)}
-    diffs = [float((sols[n] - sols[4 * n]).norm()) for n in (4, 16, 64, 256)]
+        sols = {n: solve(n) for n in (4, 16, 64, 256)}
+    diffs = [float((sols[n] - sols[4 * n]).norm()) for n in (4, 16, 64)]
     # The 1 / (1 - t) factor makes the field stiff near t = 1, so the rate is below the solver's order,
     # but successive refinements must keep getting closer.
     assert all(a > b for a, b in zip(diffs, diffs[1:])), diffs
