@@ -13,6 +13,7 @@ that names the key (`train.lr: expected float, got str 'fast'`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -158,6 +159,8 @@ def _convert(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if tp is DataSource and isinstance(value, str):  # `- rg:chain_sum` is short for `- name: rg:chain_sum`
+            value = {"name": value}
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
         return build(tp, value, key)
@@ -271,7 +274,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
-    raw = apply_overrides(dict(raw or {}), overrides or [])
+    raw = apply_overrides(copy.deepcopy(raw or {}), overrides or [])
     return _check(build(Recipe, raw))
 
 

@@ -197,7 +197,9 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     from .pretrained import load_base
 
     t = recipe.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    # Several processes and no GPU (torchrun on a CPU machine): accelerate wants cpu=True for gloo DDP.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_ddp)
     P, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if t.batch_size % (t.micro_batch_size * P):
         raise RecipeError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "

@@ -1,0 +1,217 @@
+"""Training: recipe errors, adapters that load, exact resume, NaN handling, baselines, DDP = 1 process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import l2d.train as train_mod
+from l2d import L2DModel
+from l2d.recipe import RecipeError, load_recipe, recipe_from_dict
+from l2d.train import TrainingError, lr_at, train
+from tiny import tiny_base
+
+WORDS = "what is one two three four five six seven eight nine plus minus".split()
+SPECIALS = ["[PAD]", "<s>", "</s>", "<|user|>", "<|assistant|>", "[UNK]"]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+NUMS = WORDS[2:11]
+
+
+def tiny_tokenizer(chat_template=TEMPLATE):
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + WORDS)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
+                                  bos_token="<s>", eos_token="</s>")
+    tok.chat_template = chat_template
+    return tok
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny llama and a word-level chat tokenizer saved as a local model folder."""
+    d = tmp_path_factory.mktemp("tiny-base")
+    tiny_base("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rows = []
+    for i, a in enumerate(NUMS):
+        for j, b in enumerate(NUMS):
+            if i + j + 1 < len(NUMS):  # a + b in words stays inside the vocabulary
+                rows.append({"prompt": f"what is {a} plus {b}", "completion": NUMS[i + j + 1]})
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def make_recipe(base_dir, data_file, out, method="l2d", **train_kw):
+    raw = {
+        "model": {"name_or_path": base_dir},
+        "method": method,
+        "l2d": {"latent_dim": 16, "cond_dim": 32, "time_features": 32, "rank": 4, "alpha": 4.0},
+        "lora": {"r": 4, "alpha": 8.0},
+        "data": {"max_length": 32, "sources": [{"name": data_file, "category": "math"}]},
+        "train": {"output_dir": str(out), "batch_size": 4, "micro_batch_size": 2, "max_steps": 6,
+                  "lr": 3e-3, "warmup_steps": 2, "save_every": 2, "keep_last": 2, "progress_bar": False,
+                  **train_kw},
+    }
+    return raw
+
+
+def losses(out):
+    return [json.loads(ln)["loss"] for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------ recipes
+def test_recipe_errors_name_the_key(tmp_path, base_dir, data_file):
+    raw = make_recipe(base_dir, data_file, tmp_path / "run")
+    bad = {**raw, "train": {**raw["train"], "learning_rate": 1e-4}}
+    with pytest.raises(RecipeError, match=r"unknown key train\.learning_rate"):
+        recipe_from_dict(bad)
+    with pytest.raises(RecipeError, match=r"train\.lr: expected float, got str"):
+        recipe_from_dict(raw, ["train.lr=fast"])
+    with pytest.raises(RecipeError, match=r"data\.sources\[0\]\.n: expected int"):
+        recipe_from_dict({**raw, "data": {"sources": [{"name": data_file, "n": "ten"}]}})
+    with pytest.raises(RecipeError, match=r"unknown key l2d\.sigmaa"):
+        recipe_from_dict(raw, ["l2d.sigmaa=3"])
+    with pytest.raises(RecipeError, match=r"l2d: L2DConfig: sigma must be positive"):
+        recipe_from_dict(raw, ["l2d.sigma=-1"])
+    # A YAML file: `1e-4` is a float (YAML 1.1 would read a string) and overrides apply.
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("0.003", "3e-3"))
+    r = load_recipe(path, ["train.lr=5e-5", "l2d.rank=8"])
+    assert r.train.lr == 5e-5 and r.l2d.rank == 8 and r.train.warmup_steps == 2
+    path.write_text(yaml.safe_dump({**raw, "trian": {}}))
+    with pytest.raises(RecipeError, match=r"r\.yaml: unknown key trian"):
+        load_recipe(path)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    t = recipe_from_dict({"data": {"sources": ["x.jsonl"]}}).train  # the paper's defaults
+    assert (t.lr, t.min_lr, t.warmup_steps, t.betas, t.weight_decay, t.grad_clip) == (1e-4, 1e-6, 100, [0.9, 0.95], 0.01, 1.0)
+    lrs = [lr_at(s, 1000, t) for s in range(1000)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[99] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:])) and lrs[-1] == pytest.approx(1e-6, rel=1e-2)
+
+
+# ------------------------------------------------------------------------------------ training
+def test_short_run_saves_an_adapter_that_loads(tmp_path, base_dir, data_file):
+    out = tmp_path / "run"
+    summary = train(recipe_from_dict(make_recipe(base_dir, data_file, out, max_steps=4)))
+    assert summary["steps"] == 4 and not summary["stopped"]
+    curve = losses(out)
+    assert len(curve) == 4 and all(torch.isfinite(torch.tensor(curve)))
+    assert load_recipe(out / "recipe.yaml").train.max_steps == 4  # the recipe used, loadable as is
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = L2DModel.from_pretrained(base, str(out))
+    trained = sum(float(p.abs().sum()) for n, p in model.path.named_parameters() if "merge" in n)
+    assert trained > 0  # the zero-initialised merge head moved: the saved path is the trained one
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"] or \
+        sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_interrupted_then_resumed_run_repeats_the_loss_curve(tmp_path, base_dir, data_file):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(recipe_from_dict(make_recipe(base_dir, data_file, full)))
+    summary = train(recipe_from_dict(make_recipe(base_dir, data_file, part)), stop_after=3)
+    assert summary["stopped"] == "step budget" and len(losses(part)) == 3
+    # The second half may change the micro-batch size (memory), not the data or the model.
+    train(recipe_from_dict(make_recipe(base_dir, data_file, part, micro_batch_size=2)), resume=str(part))
+    assert losses(part) == losses(full)  # exact: same weights, optimizer, schedule, data and noise
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "l2d_model.safetensors"), load_file(part / "l2d_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((part / "checkpoints").iterdir())) <= 2  # keep_last
+
+
+def test_resume_from_another_recipe_is_refused(tmp_path, base_dir, data_file):
+    out = tmp_path / "run"
+    train(recipe_from_dict(make_recipe(base_dir, data_file, out)), stop_after=2)
+    with pytest.raises(TrainingError, match=r"another recipe.*l2d"):
+        train(recipe_from_dict(make_recipe(base_dir, data_file, out), ["l2d.rank=8"]), resume=str(out))
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        train(recipe_from_dict(make_recipe(base_dir, data_file, out)))
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(recipe_from_dict(make_recipe(base_dir, data_file, out)), resume=str(tmp_path / "nowhere"))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_saves(tmp_path, base_dir, data_file, monkeypatch):
+    real, calls = train_mod.batch_loss, []
+
+    def poisoned(model, method, batch):
+        loss, n = real(model, method, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), n  # micro-batch 5 = step 3
+
+    monkeypatch.setattr(train_mod, "batch_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 3.*after step 2"):
+        train(recipe_from_dict(make_recipe(base_dir, data_file, out, save_every=0)))
+    assert (out / "checkpoints" / "step-000002" / "state.json").is_file()
+    assert len(losses(out)) == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baselines_run_through_the_same_script(tmp_path, base_dir, data_file, method):
+    out = tmp_path / method
+    summary = train(recipe_from_dict(make_recipe(base_dir, data_file, out, method=method, max_steps=3)))
+    curve = losses(out)
+    assert summary["steps"] == 3 and all(torch.isfinite(torch.tensor(curve)))
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert (out / weights).is_file()
+    if method == "lora":  # LoRA trains far fewer weights than the whole model
+        assert summary["trainable_parameters"] < sum(p.numel() for p in tiny_base("llama").parameters()) / 5
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("no_examples", "no usable examples"),
+    ("no_template", "no chat template"),
+    ("tiny_data", "fewer than one global batch"),
+])
+def test_bad_data_gives_clear_errors(tmp_path, base_dir, data_file, problem, match):
+    raw = make_recipe(base_dir, data_file, tmp_path / "run")
+    if problem == "no_examples":
+        path = tmp_path / "empty.jsonl"
+        path.write_text(json.dumps({"prompt": "what is one", "completion": ""}) + "\n")
+        raw["data"]["sources"] = [{"name": str(path)}]
+    elif problem == "no_template":
+        d = tmp_path / "base"
+        tiny_base("llama").save_pretrained(d)
+        tiny_tokenizer(chat_template=None).save_pretrained(d)
+        raw["model"]["name_or_path"] = str(d)
+    else:
+        raw["train"]["batch_size"] = 64
+    with pytest.raises((ValueError, TrainingError), match=match):
+        train(recipe_from_dict(raw))
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, base_dir, data_file):
+    """Same global batch (4): 1 process x 2 accumulation steps vs 2 gloo processes (DDP) x 1."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(recipe_from_dict(make_recipe(base_dir, data_file, one, max_steps=3, save_every=0)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, two, max_steps=3, save_every=0)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # accelerate's CPU launcher runs one process unless under mpirun; torchrun starts 2 gloo ranks
+    # and the Accelerator inside picks them up (MULTI_CPU).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "l2d", "train", str(recipe)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) x 1 accumulation" in proc.stderr
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = load_file(one / "l2d_model.safetensors"), load_file(two / "l2d_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
