@@ -1,0 +1,155 @@
+"""Training step of L2D (default L2DConfig) against a peft LoRA (rank 32, all linear layers) of the
+same base, SmolLM2-135M-Instruct on the CPU, interleaved repeats, one process.
+
+    python benchmarks/train_step.py [--repeats 3] [--threads 2]
+
+A step = forward + backward + AdamW step, the loss being response-only cross-entropy (summed, as
+`l2d train` computes it). L2D is timed with and without its self-conditioning pass (the default
+config runs it with probability 0.5, so the expected step is their mean).
+
+Memory: peak resident set size (RSS) above the pre-step RSS, sampled every 1 ms by a thread
+reading /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier steps is returned to
+the OS first. It counts activations, gradients and optimizer-state growth of that step (the
+optimizer state is created by the warm-up step, so it is in the baseline of timed steps).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+from l2d import L2DConfig, get_l2d_model
+from l2d.pretrained import load_smollm2
+from l2d.train import batch_loss
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Peak RSS above the value at entry, sampled by a background thread."""
+
+    def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base = self.peak = rss()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+        self.delta = self.peak - self.base
+
+
+def make_batch(kind: str, vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "4x256":
+        B, lengths = 4, [256] * 4
+    else:  # 32 sequences of ~40 tokens
+        B, lengths = 32, torch.randint(34, 47, (32,), generator=g).tolist()
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), -100)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        labels[i, n // 2:n] = ids[i, n // 2:n]  # response = last half
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "class_labels": torch.zeros(B, dtype=torch.long)}
+
+
+def step(model, method, opt, batch, sc=None):
+    if method == "l2d":
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    class_labels=batch["class_labels"], reduction="sum", self_conditioning=sc)
+        loss, n = out.loss, int(out.num_tokens)
+    else:
+        loss, n = batch_loss(model, method, batch)
+    (loss / n).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from peft import LoraConfig, get_peft_model
+
+    base_l2d, _ = load_smollm2()
+    base_lora, _ = load_smollm2()  # peft edits modules in place: give it its own copy
+    l2d = get_l2d_model(base_l2d, L2DConfig()).train()
+    lora = get_peft_model(base_lora, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear",
+                                                task_type="CAUSAL_LM")).train()
+    models = {"l2d": l2d, "lora": lora}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
+            for k, m in models.items()}
+    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    vocab = base_l2d.get_input_embeddings().weight.shape[0]
+    variants = [("l2d", False), ("l2d", True), ("lora", None)]
+
+    results = {}
+    for kind in ("4x256", "32x~40"):
+        batch = make_batch(kind, vocab)
+        for method, sc in variants:  # warm-up (also creates the optimizer state)
+            step(models[method], method, opts[method], batch, sc)
+        times = {v: [] for v in variants}
+        mems = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for v in variants:  # interleaved: machine noise hits every variant alike
+                method, sc = v
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    step(models[method], method, opts[method], batch, sc)
+                    dt = time.perf_counter() - t0
+                times[v].append(dt)
+                mems[v].append(mem.delta)
+        results[kind] = (times, mems)
+        print(f"done {kind}", flush=True)
+
+    print(f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads, {args.repeats} interleaved repeats "
+          f"(median step time; peak RSS above the pre-step RSS, max over repeats)")
+    print(f"trainable parameters: L2D {counts['l2d']:,d}  |  LoRA r=32 all-linear {counts['lora']:,d}\n")
+    header = "| batch | method | step time (s) | peak memory (MiB) | time vs LoRA | memory vs LoRA |"
+    print(header)
+    print("|---|---|---|---|---|---|")
+    for kind, (times, mems) in results.items():
+        lora_t, lora_m = statistics.median(times[variants[2]]), max(mems[variants[2]])
+        rows = {"L2D, no self-cond pass": variants[0], "L2D, with self-cond pass": variants[1]}
+        t_exp = (statistics.median(times[variants[0]]) + statistics.median(times[variants[1]])) / 2
+        m_exp = max(max(mems[variants[0]]), max(mems[variants[1]]))
+        for name, v in rows.items():
+            t, m = statistics.median(times[v]), max(mems[v])
+            print(f"| {kind} | {name} | {t:.2f} | {m / 2**20:.0f} | {t / lora_t:.2f}x | {m / lora_m:.2f}x |")
+        print(f"| {kind} | L2D, expected (p=0.5) | {t_exp:.2f} | {m_exp / 2**20:.0f} | {t_exp / lora_t:.2f}x | "
+              f"{m_exp / lora_m:.2f}x |")
+        print(f"| {kind} | LoRA r=32 | {lora_t:.2f} | {lora_m / 2**20:.0f} | 1.00x | 1.00x |")
+
+
+if __name__ == "__main__":
+    main()
