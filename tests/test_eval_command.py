@@ -1,0 +1,46 @@
+"""`l2d eval` end to end on a tiny saved base and adapter: table, JSON and plot from the command line."""
+import json
+
+import pytest
+
+from l2d import get_l2d_model
+from l2d.cli import main
+from tiny import randomize_path, tiny_base, tiny_config
+from tiny_tokenizer import VOCAB, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cli")
+    base = tiny_base(vocab_size=VOCAB, max_position_embeddings=512)
+    base.save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    model = get_l2d_model(base, tiny_config())
+    randomize_path(model)
+    model.save_pretrained(str(root / "adapter"))
+    rows = [{"question": f"Tom has {a} apples and buys {b}. How many?", "answer": f"{a}+{b}\n#### {a + b}"}
+            for a, b in [(1, 2), (3, 4), (5, 6)]]
+    (root / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_l2d_eval_cli_writes_table_json_and_plot(saved, capsys):
+    out_json, out_png = saved / "res.json", saved / "steps.png"
+    code = main(["eval", str(saved / "adapter"), "--base", str(saved / "base"), "--task", "gsm8k",
+                 "--data", str(saved / "gsm8k.jsonl"), "--num-shots", "0", "--steps", "0,2", "--n", "3",
+                 "--max-new-tokens", "4", "--batch-size", "2", "--json", str(out_json), "--plot", str(out_png),
+                 "--no-progress"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "NFE/token" in table and "l2d" in table
+    res = json.loads(out_json.read_text())
+    assert [r["steps"] for r in res["rows"]] == [0, 2]
+    assert res["rows"][1]["nfe_per_token"] == pytest.approx(3)  # euler, 2 steps + the read-out
+    assert len(res["rows"][0]["completions"]) == 3
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_base_only_rejects_steps(saved, capsys):
+    code = main(["eval", "base", "--base", str(saved / "base"), "--task", "gsm8k", "--data",
+                 str(saved / "gsm8k.jsonl"), "--steps", "0,4", "--no-progress"])
+    assert code != 0 and "only --steps 0" in capsys.readouterr().err
