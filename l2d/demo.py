@@ -25,10 +25,14 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "
 STEPS = (0, 1, 2, 4, 8, 16)
 VALIDATION_SEED = 2_000_017      # validation problems (solver choice)
 SOLVER_CANDIDATES = ("euler", "midpoint")
-BUDGETS = {  # optimizer steps of 32 sequences per run
-    "quick": {"train_steps": 100, "n_eval": 300, "n_val": 64},
-    "full": {"train_steps": 400, "n_eval": 500, "n_val": 128},
+BUDGETS = {  # optimizer steps of 32 sequences per run; held-out and validation problems
+    "quick": {"train_steps": 40, "n_eval": 100, "n_val": 32},
+    "full": {"train_steps": 300, "n_eval": 400, "n_val": 100},
 }
+# A short system turn for training and evaluation alike: it replaces SmolLM2's default system
+# prompt (three times as many tokens) and asks every model, the base included, for the bare answer.
+SYSTEM_PROMPT = "Answer with the number only."
+VALIDATION_STEPS = 4
 
 
 def _say(text: str) -> None:
@@ -61,7 +65,7 @@ def heldout_task(source, size: int, seed: int, train_questions: set[str]):
         question = ex.messages[-1]["content"]
         if question in train_questions:
             continue
-        ex.messages = [{"role": "user", "content": question}]
+        ex.messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
         ex.prompt = question
         kept.append(ex)
     removed = len(task.examples) - len(kept)
@@ -74,7 +78,7 @@ def train_run(recipe_path: Path, method: str, out: Path, steps: int, base: str |
     from .train import train
 
     overrides = [f"method={method}", f"train.output_dir={out}", f"train.max_steps={steps}",
-                 "train.save_every=0", "train.keep_last=1"]
+                 "train.save_every=0", "train.keep_last=1", f"data.system_prompt={SYSTEM_PROMPT}"]
     if base is not None:
         overrides.append(f"model.name_or_path={base}")
     recipe = load_recipe(recipe_path, overrides)
@@ -107,8 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (data, model, hyper-parameters)")
     parser.add_argument("--train-steps", type=int, help="optimizer steps per training run (overrides the budget)")
     parser.add_argument("--n", type=int, help="held-out problems (overrides the budget)")
-    parser.add_argument("--batch-size", type=int, default=50, help="evaluation batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per answer")
+    parser.add_argument("--batch-size", type=int, default=25, help="evaluation batch size")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer")
     parser.add_argument("--skip-train", action="store_true", help="reuse the adapters already in --out")
     parser.add_argument("--no-lora-l2d", action="store_true", help="skip L2D on top of the merged LoRA model")
     args = parser.parse_args(argv)
@@ -165,11 +169,11 @@ def main(argv=None) -> int:
           f"removed); validation: {len(val_task)} (seed {VALIDATION_SEED})")
     eval_kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0, prompt_format="chat")
 
-    _say("4/5 solver choice on the validation problems (steps 8)")
+    _say(f"4/5 solver choice on the validation problems (steps {VALIDATION_STEPS})")
     l2d_model, tok, _ = load_for_eval(str(runs["l2d"]))
     val = {}
     for solver in SOLVER_CANDIDATES:
-        row = evaluate(l2d_model, tok, val_task, [8], solver=solver, method=f"val-{solver}", **eval_kw)[0]
+        row = evaluate(l2d_model, tok, val_task, [VALIDATION_STEPS], solver=solver, method=f"val-{solver}", **eval_kw)[0]
         val[solver] = row
         print(f"  {solver}: {100 * row['accuracy']:.1f}% at NFE/token {row['nfe_per_token']:.1f}")
     # Ties go to the cheaper solver (listed first).
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
     write_json(out / "results.json", {
         "task": "basic_arithmetic", "generator_kwargs": source.generator_kwargs, "heldout_seed": HELD_OUT_SEED,
         "heldout_removed_as_in_training": removed, "validation_seed": VALIDATION_SEED, "n": len(task),
-        "solver": solver, "validation": val, "budget": budget, "full": args.full,
+        "solver": solver, "validation": val, "system_prompt": SYSTEM_PROMPT, "budget": budget, "full": args.full,
         "training": {k: {kk: v for kk, v in s.items() if kk != "data_reports"} for k, s in summaries.items()},
         "machine": _machine(), "wall_time_s": elapsed, "rows": rows})
     plot_rows(rows, out / "steps.png", title=f"SmolLM2-135M, 2-term arithmetic ({len(task)} held-out problems)")
