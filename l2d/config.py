@@ -10,6 +10,7 @@ WEIGHTS_NAME = "l2d_model.safetensors"
 
 SCHEDULES = ("cosmap", "uniform", "logit_normal")
 PATH_VARIANTS = ("lora", "full")
+STREAM_INITS = ("encoder", "main")
 DEFAULT_CLASSES = ("math", "code", "general", "other")
 
 
@@ -36,6 +37,12 @@ class L2DConfig:
         self_conditioning: Probability, per training step, of a first no-grad pass whose expected
             latent ``softmax(logits) @ Z`` feeds the second pass as ``z_hat``. 0 disables it.
         encoder_hidden: Hidden width of the input encoder MLP (0 means the model's hidden size).
+        stream_init: Where the diffusion stream starts. ``encoder`` (the paper's): from the encoded
+            latent alone, every block gated shut at init, merge ``h_main + g * h_f``. ``main``: from the
+            main path's input to layer 0 (the token embedding) plus the encoded latent, every block
+            starting as an exact copy of its frozen layer (gates open at 1), merge of the difference
+            ``h_main + g * (h_f - h_main)``; the stream then begins as the base computation at that
+            position and learns a correction, as a LoRA does.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -54,6 +61,7 @@ class L2DConfig:
     class_dropout: float = field(default=0.2, metadata={"help": "Null-class probability in training."})
     self_conditioning: float = field(default=0.5, metadata={"help": "Self-conditioning probability."})
     encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
+    stream_init: str = field(default="encoder", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 
@@ -76,6 +84,8 @@ class L2DConfig:
             (0.0 <= self.class_dropout <= 1.0, "class_dropout must lie in [0, 1]"),
             (0.0 <= self.self_conditioning <= 1.0, "self_conditioning must lie in [0, 1]"),
             (self.encoder_hidden >= 0, "encoder_hidden must be >= 0"),
+            (self.stream_init in STREAM_INITS,
+             f"stream_init must be one of {STREAM_INITS}, got {self.stream_init!r}"),
             (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
         ]
         for ok, message in checks:

@@ -46,6 +46,7 @@ class MainPathState:
     hidden: torch.Tensor         # [B, T, H] last decoder layer output, before the final norm
     position_ids: torch.Tensor   # [B, T] rotary positions (cumsum of the mask, as generate does)
     attention_mask: torch.Tensor  # [B, T]
+    embeds: torch.Tensor | None = None  # [B, T, H] input to decoder layer 0 (token embeddings as the layers see them)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -192,13 +193,18 @@ class L2DModel(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         captured = {}
-        hook = self.arch.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+        hooks = [self.arch.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))]
+        if self.config.stream_init == "main":
+            hooks.append(self.arch.layers[0].register_forward_pre_hook(
+                lambda m, args, kwargs: captured.__setitem__("e", args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
         try:
             out = self.arch.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      past_key_values=cache if cache is not None else DynamicCache(), use_cache=True)
         finally:
-            hook.remove()
-        return MainPathState(out.past_key_values, captured["h"], position_ids, attention_mask)
+            for hook in hooks:
+                hook.remove()
+        return MainPathState(out.past_key_values, captured["h"], position_ids, attention_mask, captured.get("e"))
 
     def stream_context(self, main: MainPathState, query_index: torch.Tensor) -> StreamContext:
         keys = [layer.keys for layer in main.cache.layers]
@@ -288,15 +294,18 @@ class L2DModel(nn.Module):
         x_t = add_noise(z, t_q, self.config.sigma, noise)
 
         ctx = self.stream_context(main, query_index)
-        h_main = main.hidden.gather(1, query_index.unsqueeze(-1).expand(-1, -1, main.hidden.shape[-1]))
+        at_queries = query_index.unsqueeze(-1).expand(-1, -1, main.hidden.shape[-1])
+        h_main = main.hidden.gather(1, at_queries)
+        h_start = None if main.embeds is None else main.embeds.gather(1, at_queries)
         z_hat = torch.zeros_like(x_t)
         use_sc = self_conditioning if self_conditioning is not None else (
             self.training and torch.rand(()) < self.config.self_conditioning)
         if use_sc:
             with torch.no_grad():
-                h_first = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls)
+                h_first = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls, h_start=h_start)
                 z_hat = self.expected_latent(h_first, self.latent_table())
-        h = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls, checkpoint=self.gradient_checkpointing)
+        h = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls, checkpoint=self.gradient_checkpointing,
+                      h_start=h_start)
 
         loss = num_tokens = None
         if labels is not None:

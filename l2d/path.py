@@ -177,6 +177,7 @@ class DiffusionBlock(nn.Module):
     def __init__(self, arch: ArchAdapter, index: int, config: L2DConfig, switch: DeltaSwitch):
         super().__init__()
         self.index = index
+        self.open_gates = config.stream_init == "main"  # gates 1 + g: the block starts as its frozen layer
         hidden = arch.hidden_size
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 6 * hidden))
         nn.init.zeros_(self.adaln[1].weight)
@@ -188,8 +189,12 @@ class DiffusionBlock(nn.Module):
         self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch)
 
     def modulation(self, c: torch.Tensor):
-        """(dw1, shift1, gate1, dw2, shift2, gate2), each [B, Tq, H]; all zero at init."""
-        return self.adaln(c).float().chunk(6, dim=-1)
+        """(dw1, shift1, gate1, dw2, shift2, gate2), each [B, Tq, H]; all zero at init (gates 1 when
+        the stream starts from the main path)."""
+        dw1, shift1, gate1, dw2, shift2, gate2 = self.adaln(c).float().chunk(6, dim=-1)
+        if self.open_gates:
+            gate1, gate2 = 1 + gate1, 1 + gate2
+        return dw1, shift1, gate1, dw2, shift2, gate2
 
     def forward(self, arch: ArchAdapter, h: torch.Tensor, c: torch.Tensor, ctx: "StreamContext", modulation=None):
         i = self.index
@@ -303,15 +308,21 @@ class DiffusionPath(nn.Module):
             block.mlp_deltas.remove_hooks()
 
     def forward(self, arch: ArchAdapter, ctx: StreamContext, h_main: torch.Tensor, x_t: torch.Tensor,
-                t: torch.Tensor, z_hat: torch.Tensor, class_labels: torch.Tensor, checkpoint: bool = False):
+                t: torch.Tensor, z_hat: torch.Tensor, class_labels: torch.Tensor, checkpoint: bool = False,
+                h_start: torch.Tensor | None = None):
         """Merged last hidden state ``h`` [B, Tq, H] (before the frozen final norm).
 
         h_main: [B, Tq, H] main path's last hidden states at the query positions.
         x_t, z_hat: [B, Tq, d]; t: [B, Tq]; class_labels: [B] (null class allowed).
+        h_start: [B, Tq, H] main path's input to layer 0 there (needed when ``stream_init="main"``).
         """
         c = self.conditioning(t, class_labels)
         s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
         h = self.encoder(x_t.float() / s, z_hat.float()).float()
+        if self.config.stream_init == "main":
+            if h_start is None:
+                raise ValueError("stream_init='main' needs h_start, the main path's input to layer 0.")
+            h = h + h_start.float()
         for block in self.blocks:
             if checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, arch, h, c, ctx, use_reentrant=False)
@@ -320,7 +331,10 @@ class DiffusionPath(nn.Module):
         return self.merged(h_main, h, c, t, class_labels)
 
     def merged(self, h_main, h_f, c, t, class_labels):
-        """``h_main + (m(c_t) - m(c_0)) * h_f``: exactly ``h_main`` at ``t = 0``."""
+        """``h_main + (m(c_t) - m(c_0)) * h_f`` (``* (h_f - h_main)`` when the stream starts from the
+        main path): exactly ``h_main`` at ``t = 0``."""
+        if self.config.stream_init == "main":
+            h_f = h_f - h_main.float()
         c0 = self.conditioning(torch.zeros_like(t), class_labels)
         gate = self.merge(c).float() - self.merge(c0).float()
         # Zero exactly at t=0 whatever the GEMM blocking did to equal rows: steps=0 is the base.

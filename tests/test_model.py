@@ -18,7 +18,7 @@ def _base_logits(base, ids, mask=None):
 def test_wrap_forward_backward_save_load(family, tmp_path):
     base = tiny_base(family)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_l2d_model(base, tiny_config())
+    model = get_l2d_model(base, tiny_config(stream_init="main" if family in ("qwen3", "phi3", "gpt2") else "encoder"))
     ids, labels = batch()
     model.train()
     out = model(ids, labels=labels, class_labels=["math", "code"])
@@ -45,10 +45,11 @@ def test_wrap_forward_backward_save_load(family, tmp_path):
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("stream_init", ["encoder", "main"])
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox", "granite", "olmo2"])
-def test_t0_equals_the_base_before_and_after_training(family):
+def test_t0_equals_the_base_before_and_after_training(family, stream_init):
     base = tiny_base(family)
-    model = get_l2d_model(base, tiny_config()).eval()
+    model = get_l2d_model(base, tiny_config(stream_init=stream_init)).eval()
     ids, _ = batch(seed=3)
     ref = _base_logits(base, ids)
     for t in (0.0, 0.3, 0.99):  # at init the path is the identity at every t
@@ -56,6 +57,25 @@ def test_t0_equals_the_base_before_and_after_training(family):
     randomize_path(model)
     assert (model(ids, t=0.0).logits - ref).abs().max() < 1e-5
     assert (model(ids, t=0.7).logits - ref).abs().max() > 1e-3  # the path does something off t=0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "olmo2"])
+def test_a_main_initialised_stream_starts_as_the_main_path(family):
+    """stream_init='main': with the encoded latent removed, the stream at init recomputes h_main exactly."""
+    model = get_l2d_model(tiny_base(family), tiny_config(stream_init="main")).eval()
+    torch.nn.init.zeros_(model.path.encoder.net[-1].weight)
+    torch.nn.init.zeros_(model.path.encoder.net[-1].bias)
+    ids, _ = batch(seed=5)
+    main = model.run_main_path(ids)
+    T = ids.shape[1]
+    query_index = torch.arange(T).expand_as(ids)
+    ctx = model.stream_context(main, query_index)
+    seen = {}
+    model.path.merged = lambda h_main, h_f, *a: seen.setdefault("h_f", h_f)
+    t = torch.full(ids.shape, 0.6)
+    model.path(model.arch, ctx, main.hidden, torch.randn(2, T, 16), t, torch.zeros(2, T, 16),
+               model.class_tensor(None, 2), h_start=main.embeds)
+    torch.testing.assert_close(seen["h_f"], main.hidden.float(), atol=2e-5, rtol=1e-4)
 
 
 def test_loss_is_the_same_at_supervised_positions_only_and_at_all_positions():
@@ -105,12 +125,13 @@ def test_latents_have_norm_sqrt_d():
     assert torch.isfinite(z).all()
 
 
-@pytest.mark.parametrize("variant", ["lora", "full"])
-def test_a_tiny_model_learns(variant):
+@pytest.mark.parametrize("variant,stream_init", [("lora", "encoder"), ("full", "encoder"), ("lora", "main")])
+def test_a_tiny_model_learns(variant, stream_init):
     torch.manual_seed(0)
     # A wider init than the default 0.02: with hidden 32 a 0.02 head cannot make confident logits.
     base = tiny_base("llama", initializer_range=0.2)
-    model = get_l2d_model(base, tiny_config(path_variant=variant, self_conditioning=0.0, class_dropout=0.0))
+    model = get_l2d_model(base, tiny_config(path_variant=variant, stream_init=stream_init, self_conditioning=0.0,
+                                            class_dropout=0.0))
     # Fixed data the random base cannot know: after a prompt, the answer is a fixed function of it.
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, VOCAB, (16, 6), generator=g)
