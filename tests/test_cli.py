@@ -24,6 +24,10 @@ def test_train_help_documents_every_option_and_recipe_key(capsys):
 
 @pytest.mark.parametrize("command", ["generate", "eval", "bench"])
 def test_unimplemented_commands_say_so(command, capsys):
+    from l2d import cli
+
+    if getattr(cli, f"add_{command}").__name__ != "add":  # registered for real since (not the stub)
+        pytest.skip(f"l2d {command} is implemented")
     assert main([command]) == 2
     assert "not implemented yet" in capsys.readouterr().err
 
