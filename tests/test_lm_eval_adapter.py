@@ -98,7 +98,7 @@ metric_list:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=lm, tasks=["tiny_add"], task_manager=TaskManager(include_path=str(tmp_path)),
+    out = simple_evaluate(model=lm, tasks=["tiny_add"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
                           log_samples=True)
     res = out["results"]["tiny_add"]
     assert 0.0 <= res["exact_match,none"] <= 1.0
