@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .latent import marginal_std
 from .latent import time_grid  # noqa: F401  (re-exported for users building grids)
 from .model import L2DModel, positions_from_mask
 from .solvers import (ADAPTIVE_SOLVERS, FIXED_SOLVERS, StopIntegration, check_solver,
@@ -58,11 +59,14 @@ class TokenField:
     ``z_hat`` (self-conditioning). With guidance the conditional and unconditional passes run
     as one batch and ``v = w v_cond + (1 - w) v_uncond``. The denominator is floored at
     ``min_gap``: adaptive solvers evaluate slightly beyond ``t = 1``.
+
+    ``cond_cache``: a :class:`TimeConditioning` shared by the tokens of one ``generate`` call
+    (what depends on ``t`` alone is computed once per distinct ``t``); a fresh one by default.
     """
 
     def __init__(self, model: L2DModel, ctx, h_main, class_labels, latent_table, estimate: str,
                  guidance_scale, temperature: float, generator, max_nfe, early_stop: EarlyStop | None,
-                 min_gap: float = 1e-3):
+                 min_gap: float = 1e-3, cond_cache: "TimeConditioning | None" = None):
         self.model, self.ctx, self.h_main, self.cls = model, ctx, h_main, class_labels
         self.Z = latent_table
         self.estimate, self.w = estimate, guidance_scale
@@ -72,25 +76,42 @@ class TokenField:
         self.logits = None
         self.z_hat = None
         self._streak, self._last_argmax = 0, None
+        if guidance_scale is None:
+            self._h_main, self._cls = h_main, class_labels
+        else:  # cond and uncond as one batch
+            null = torch.full_like(class_labels, model.config.num_classes)
+            self._h_main, self._cls = h_main.repeat(2, 1, 1), torch.cat([class_labels, null])
+        self.cond = cond_cache if cond_cache is not None else TimeConditioning(model, self._cls)
+        # With the expected latent at temperature 1, x1_hat is the self-conditioning estimate itself.
+        self._x1_is_z_hat = estimate == "expected" and temperature == 1.0
 
-    def evaluate(self, t: float, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 1, V] of the path at ``(t, x)`` (guidance applied); updates ``z_hat``."""
-        model = self.model
-        B = x.shape[0]
-        tt = torch.full((B, 1), min(max(t, 0.0), 1.0), device=x.device)
+    def _hidden(self, t: float, x: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """The path's merged hidden state at ``(t, x)``: what ``model.path(...)`` returns, with the
+        ``t``-only parts taken from the cache. At ``t = 0`` the merge gate is exactly zero, so the
+        result is ``h_main`` and the blocks are skipped (the base model, as the design promises)."""
+        model, path = self.model, self.model.path
+        cond = self.cond.get(t, x.shape[0] * (1 if self.w is None else 2), x.device)
+        if cond.zero:
+            return self._h_main
+        if self.w is not None:
+            x, z_hat = x.repeat(2, 1, 1), z_hat.repeat(2, 1, 1)
+        h = path.encoder(x.float() / cond.s, z_hat.float()).float()
+        for block, modulation in zip(path.blocks, cond.modulations):
+            h = block(model.arch, h, cond.c, self.ctx, modulation=modulation)
+        return (self._h_main.float() + cond.gate * h).to(self._h_main.dtype)
+
+    def evaluate(self, t: float, x: torch.Tensor, need_z_hat: bool = True) -> torch.Tensor:
+        """Logits [B, 1, V] of the path at ``(t, x)`` (guidance applied); updates ``z_hat``
+        (skipped with ``need_z_hat=False``, for the read-out that no evaluation follows)."""
         z_hat = torch.zeros_like(x) if self.z_hat is None else self.z_hat
-        if self.w is None:
-            h = model.path(model.arch, self.ctx, self.h_main, x, tt, z_hat, self.cls)
-            logits = model.head_logits(h)
-        else:
-            null = torch.full_like(self.cls, model.config.num_classes)
-            h = model.path(model.arch, self.ctx, self.h_main.repeat(2, 1, 1), x.repeat(2, 1, 1),
-                           tt.repeat(2, 1), z_hat.repeat(2, 1, 1), torch.cat([self.cls, null]))
-            cond, uncond = model.head_logits(h).chunk(2)
+        logits = self.model.head_logits(self._hidden(min(max(t, 0.0), 1.0), x, z_hat))
+        if self.w is not None:
+            cond, uncond = logits.chunk(2)
             logits = self.w * cond + (1 - self.w) * uncond
         self.nfe += 1
         self.logits = logits
-        self.z_hat = torch.softmax(logits, -1) @ self.Z
+        if need_z_hat:
+            self.z_hat = torch.softmax(logits, -1) @ self.Z
         return logits
 
     def x1_hat(self, logits: torch.Tensor) -> torch.Tensor:
@@ -109,7 +130,8 @@ class TokenField:
         logits = self.evaluate(t, x)
         if self.early_stop is not None and self._settled(logits):
             raise StopIntegration("settled")
-        return (self.x1_hat(logits).to(x.dtype) - x) / max(1.0 - t, self.min_gap)
+        x1 = self.z_hat if self._x1_is_z_hat else self.x1_hat(logits)
+        return (x1.to(x.dtype) - x) / max(1.0 - t, self.min_gap)
 
     def _settled(self, logits) -> bool:
         probs = torch.softmax(logits.float(), -1)
@@ -119,6 +141,48 @@ class TokenField:
         self._streak = self._streak + 1 if (same and confident) else (1 if confident else 0)
         self._last_argmax = top
         return self._streak >= self.early_stop.patience
+
+
+class _TimeEntry:
+    __slots__ = ("c", "modulations", "gate", "s", "zero")
+
+
+class TimeConditioning:
+    """What one evaluation needs from ``t`` alone, computed once per distinct ``t`` and reused.
+
+    The conditioning ``c``, every block's adaLN modulation, the merge gate ``m(c_t) - m(c_0)``
+    and ``s(t)`` depend on ``t`` and the class labels only, not on the latent. A fixed grid
+    visits the same times for every token, so a ``generate`` call computes them once per grid
+    time instead of once per evaluation (the same ops on the same inputs: identical results).
+    Adaptive solvers visit new times each token; the cache is emptied past ``max_entries``.
+    """
+
+    def __init__(self, model: L2DModel, class_labels: torch.Tensor, max_entries: int = 256):
+        self.model, self.cls, self.max_entries = model, class_labels, max_entries
+        self._store: dict = {}
+
+    def get(self, t: float, rows: int, device) -> _TimeEntry:
+        key = (t, rows)
+        entry = self._store.get(key)
+        if entry is None:
+            if len(self._store) >= self.max_entries:
+                self._store.clear()
+            entry = self._store[key] = self._build(t, rows, device)
+        return entry
+
+    def _build(self, t: float, rows: int, device) -> _TimeEntry:
+        path = self.model.path
+        tt = torch.full((rows, 1), t, device=device)
+        e = _TimeEntry()
+        e.c = path.conditioning(tt, self.cls)
+        e.modulations = [block.modulation(e.c) for block in path.blocks]
+        # DiffusionPath.merged's gate, zero exactly where t == 0
+        c0 = path.conditioning(torch.zeros_like(tt), self.cls)
+        gate = path.merge(e.c).float() - path.merge(c0).float()
+        e.gate = torch.where((tt == 0).unsqueeze(-1), torch.zeros_like(gate), gate)
+        e.s = marginal_std(tt.float(), self.model.config.sigma).unsqueeze(-1)
+        e.zero = bool((tt == 0).all())
+        return e
 
 
 def _check_inputs(model: L2DModel, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol,
@@ -253,6 +317,10 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     cls = model.class_tensor(class_label, B)
     use_path = steps != 0 and not model._disabled
     latent_table = model.latent_table().float() if use_path else None  # once per call, never per step
+    cond_cache = None
+    if use_path:  # t-only parts of the path, once per grid time for the whole call
+        cond_cache = TimeConditioning(model, cls if guidance_scale is None else torch.cat(
+            [cls, torch.full_like(cls, model.config.num_classes)]))
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
 
     sequences, mask = input_ids, attention_mask
@@ -265,7 +333,8 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         h_last = main.hidden[:, -1:]
         if use_path:
             logits, nfe = _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol,
-                                       max_nfe, estimate, readout, early_stop, guidance_scale, temperature, rngs)
+                                       max_nfe, estimate, readout, early_stop, guidance_scale, temperature, rngs,
+                                       cond_cache)
         else:
             logits, nfe = model.head_logits(h_last), 0
         nfe_log.append(nfe)
@@ -291,7 +360,7 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol, max_nfe,
-                 estimate, readout, early_stop, guidance_scale, temperature, rngs):
+                 estimate, readout, early_stop, guidance_scale, temperature, rngs, cond_cache=None):
     """Integrate one token's latent from noise to t=1; returns (logits [B, 1, V], NFE)."""
     B = h_last.shape[0]
     T = main.attention_mask.shape[1]
@@ -303,7 +372,7 @@ def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rt
         ctx.query_index, ctx.query_position = query_index.repeat(2, 1), ctx.query_position.repeat(2, 1)
         ctx.key_mask = ctx.key_mask.repeat(2, 1)
     fld = TokenField(model, ctx, h_last, cls, latent_table, estimate, guidance_scale, temperature, rngs,
-                     max_nfe, early_stop)
+                     max_nfe, early_stop, cond_cache=cond_cache)
     x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device)
     stopped = None
     try:
@@ -317,7 +386,7 @@ def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rt
             warnings.warn(f"{solver}: this token's solve hit max_nfe={max_nfe} before t=1; it is read out "
                           "from its last evaluation.", RuntimeWarning, stacklevel=3)
     if stopped is None and (readout == "final" or fld.logits is None):
-        fld.evaluate(1.0, x1)
+        fld.evaluate(1.0, x1, need_z_hat=False)
     return fld.logits, fld.nfe
 
 

@@ -1,0 +1,44 @@
+"""The token field's fast evaluation (t-only parts cached, t=0 shortcut) equals the plain path."""
+import pytest
+import torch
+
+from l2d import get_l2d_model
+from l2d.generation import TimeConditioning, TokenField
+from tiny import batch, randomize_path, tiny_base, tiny_config
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox", "granite"])
+@pytest.mark.parametrize("w", [None, 2.5])
+def test_fast_evaluation_is_bitwise_the_plain_path(family, w):
+    model = get_l2d_model(tiny_base(family), tiny_config()).eval()
+    randomize_path(model)
+    ids, _ = batch(B=2, T=6)
+    main = model.run_main_path(ids)
+    ctx = model.stream_context(main, torch.tensor([[5], [5]]))
+    cls = model.class_tensor(["math", None], 2)
+    h_main, Z = main.hidden[:, -1:], model.latent_table().float()
+    null = torch.full_like(cls, model.config.num_classes)
+    both = cls if w is None else torch.cat([cls, null])
+    cache = TimeConditioning(model, both)
+    if w is not None:
+        ctx.keys = [k.repeat(2, 1, 1, 1) for k in ctx.keys]
+        ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]
+        ctx.query_index, ctx.query_position = ctx.query_index.repeat(2, 1), ctx.query_position.repeat(2, 1)
+        ctx.key_mask = ctx.key_mask.repeat(2, 1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in (0.0, 0.37, 1.0, 0.37):  # 0.37 twice: the second one comes from the cache
+            x = 64 * torch.randn(2, 1, Z.shape[-1], generator=g)
+            z_hat = torch.randn(2, 1, Z.shape[-1], generator=g)
+            fld = TokenField(model, ctx, h_main, cls, Z, "expected", w, 1.0, None, None, None, cond_cache=cache)
+            fld.z_hat = z_hat
+            got = fld.evaluate(t, x)
+            r = 1 if w is None else 2
+            tt = torch.full((2 * r, 1), t)
+            h = model.path(model.arch, ctx, h_main.repeat(r, 1, 1), x.repeat(r, 1, 1), tt, z_hat.repeat(r, 1, 1), both)
+            ref = model.head_logits(h)
+            if w is not None:
+                cond, uncond = ref.chunk(2)
+                ref = w * cond + (1 - w) * uncond
+            assert torch.equal(got, ref), (family, w, t)
+            assert torch.equal(fld.z_hat, torch.softmax(ref, -1) @ Z)
