@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .latent import marginal_std
-from .latent import time_grid  # noqa: F401  (re-exported for users building grids)
 from .model import L2DModel, positions_from_mask
 from .solvers import (ADAPTIVE_SOLVERS, FIXED_SOLVERS, StopIntegration, check_solver,
                       integrate_adaptive, integrate_fixed)
@@ -66,7 +64,7 @@ class TokenField:
 
     def __init__(self, model: L2DModel, ctx, h_main, class_labels, latent_table, estimate: str,
                  guidance_scale, temperature: float, generator, max_nfe, early_stop: EarlyStop | None,
-                 min_gap: float = 1e-3, cond_cache: "TimeConditioning | None" = None):
+                 min_gap: float = 1e-3, cond_cache: "TimeConditioning | None" = None, h_start=None):
         self.model, self.ctx, self.h_main, self.cls = model, ctx, h_main, class_labels
         self.Z = latent_table
         self.estimate, self.w = estimate, guidance_scale
@@ -76,29 +74,24 @@ class TokenField:
         self.logits = None
         self.z_hat = None
         self._streak, self._last_argmax = 0, None
+        self._h_start = h_start
         if guidance_scale is None:
             self._h_main, self._cls = h_main, class_labels
         else:  # cond and uncond as one batch
             null = torch.full_like(class_labels, model.config.num_classes)
             self._h_main, self._cls = h_main.repeat(2, 1, 1), torch.cat([class_labels, null])
+            self._h_start = None if h_start is None else h_start.repeat(2, 1, 1)
         self.cond = cond_cache if cond_cache is not None else TimeConditioning(model, self._cls)
         # With the expected latent at temperature 1, x1_hat is the self-conditioning estimate itself.
         self._x1_is_z_hat = estimate == "expected" and temperature == 1.0
 
     def _hidden(self, t: float, x: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
-        """The path's merged hidden state at ``(t, x)``: what ``model.path(...)`` returns, with the
-        ``t``-only parts taken from the cache. At ``t = 0`` the merge gate is exactly zero, so the
-        result is ``h_main`` and the blocks are skipped (the base model, as the design promises)."""
-        model, path = self.model, self.model.path
+        """The path's merged hidden state at ``(t, x)``, with the ``t``-only parts from the cache."""
         cond = self.cond.get(t, x.shape[0] * (1 if self.w is None else 2), x.device)
-        if cond.zero:
-            return self._h_main
         if self.w is not None:
             x, z_hat = x.repeat(2, 1, 1), z_hat.repeat(2, 1, 1)
-        h = path.encoder(x.float() / cond.s, z_hat.float()).float()
-        for block, modulation in zip(path.blocks, cond.modulations):
-            h = block(model.arch, h, cond.c, self.ctx, modulation=modulation)
-        return (self._h_main.float() + cond.gate * h).to(self._h_main.dtype)
+        return self.model.path(self.model.arch, self.ctx, self._h_main, x, None, z_hat, None,
+                               h_start=self._h_start, cond=cond)
 
     def evaluate(self, t: float, x: torch.Tensor, need_z_hat: bool = True) -> torch.Tensor:
         """Logits [B, 1, V] of the path at ``(t, x)`` (guidance applied); updates ``z_hat``
@@ -143,10 +136,6 @@ class TokenField:
         return self._streak >= self.early_stop.patience
 
 
-class _TimeEntry:
-    __slots__ = ("c", "modulations", "gate", "s", "zero")
-
-
 class TimeConditioning:
     """What one evaluation needs from ``t`` alone, computed once per distinct ``t`` and reused.
 
@@ -161,7 +150,7 @@ class TimeConditioning:
         self.model, self.cls, self.max_entries = model, class_labels, max_entries
         self._store: dict = {}
 
-    def get(self, t: float, rows: int, device) -> _TimeEntry:
+    def get(self, t: float, rows: int, device):
         key = (t, rows)
         entry = self._store.get(key)
         if entry is None:
@@ -170,19 +159,9 @@ class TimeConditioning:
             entry = self._store[key] = self._build(t, rows, device)
         return entry
 
-    def _build(self, t: float, rows: int, device) -> _TimeEntry:
-        path = self.model.path
+    def _build(self, t: float, rows: int, device):
         tt = torch.full((rows, 1), t, device=device)
-        e = _TimeEntry()
-        e.c = path.conditioning(tt, self.cls)
-        e.modulations = [block.modulation(e.c) for block in path.blocks]
-        # DiffusionPath.merged's gate, zero exactly where t == 0
-        c0 = path.conditioning(torch.zeros_like(tt), self.cls)
-        gate = path.merge(e.c).float() - path.merge(c0).float()
-        e.gate = torch.where((tt == 0).unsqueeze(-1), torch.zeros_like(gate), gate)
-        e.s = marginal_std(tt.float(), self.model.config.sigma).unsqueeze(-1)
-        e.zero = bool((tt == 0).all())
-        return e
+        return self.model.path.time_conditioning(tt, self.cls, modulations=True)
 
 
 def _check_inputs(model: L2DModel, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol,
@@ -371,8 +350,9 @@ def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rt
         ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]
         ctx.query_index, ctx.query_position = query_index.repeat(2, 1), ctx.query_position.repeat(2, 1)
         ctx.key_mask = ctx.key_mask.repeat(2, 1)
+    h_start = None if main.embeds is None else main.embeds[:, -1:]
     fld = TokenField(model, ctx, h_last, cls, latent_table, estimate, guidance_scale, temperature, rngs,
-                     max_nfe, early_stop, cond_cache=cond_cache)
+                     max_nfe, early_stop, cond_cache=cond_cache, h_start=h_start)
     x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device)
     stopped = None
     try:

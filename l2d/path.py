@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -307,36 +308,67 @@ class DiffusionPath(nn.Module):
         for block in self.blocks:
             block.mlp_deltas.remove_hooks()
 
+    def time_conditioning(self, t: torch.Tensor, class_labels: torch.Tensor,
+                          modulations: bool = False) -> "TimeConditioning":
+        """Everything that depends on ``t`` and the class alone (not on the latent): ``c``, ``s(t)``,
+        the merge gate ``m(c_t) - m(c_0)`` and, if asked, every block's adaLN modulation.
+
+        A fixed-grid sampler visits the same times for every token, so generation builds these once
+        per grid time; training builds them per forward (modulations inside each block, so gradient
+        checkpointing recomputes rather than stores them).
+        """
+        c = self.conditioning(t, class_labels)
+        c0 = self.conditioning(torch.zeros_like(t), class_labels)
+        gate = self.merge(c).float() - self.merge(c0).float()
+        # Zero exactly at t=0 whatever the GEMM blocking did to equal rows: steps=0 is the base.
+        at_zero = (t == 0).unsqueeze(-1)
+        gate = torch.where(at_zero, torch.zeros_like(gate), gate)
+        s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
+        mods = [block.modulation(c) for block in self.blocks] if modulations else None
+        return TimeConditioning(c, gate, s, mods, bool(at_zero.all()))
+
     def forward(self, arch: ArchAdapter, ctx: StreamContext, h_main: torch.Tensor, x_t: torch.Tensor,
-                t: torch.Tensor, z_hat: torch.Tensor, class_labels: torch.Tensor, checkpoint: bool = False,
-                h_start: torch.Tensor | None = None):
+                t: torch.Tensor | None, z_hat: torch.Tensor, class_labels: torch.Tensor | None,
+                checkpoint: bool = False, h_start: torch.Tensor | None = None,
+                cond: "TimeConditioning | None" = None):
         """Merged last hidden state ``h`` [B, Tq, H] (before the frozen final norm).
 
         h_main: [B, Tq, H] main path's last hidden states at the query positions.
         x_t, z_hat: [B, Tq, d]; t: [B, Tq]; class_labels: [B] (null class allowed).
         h_start: [B, Tq, H] main path's input to layer 0 there (needed when ``stream_init="main"``).
+        cond: precomputed :meth:`time_conditioning` (then ``t`` and ``class_labels`` are not read).
         """
-        c = self.conditioning(t, class_labels)
-        s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
-        h = self.encoder(x_t.float() / s, z_hat.float()).float()
+        if cond is None:
+            cond = self.time_conditioning(t, class_labels)
+        if cond.zero:  # t = 0 everywhere: the merge gate is exactly zero, the result is the base
+            return h_main
+        h = self.encoder(x_t.float() / cond.s, z_hat.float()).float()
         if self.config.stream_init == "main":
             if h_start is None:
                 raise ValueError("stream_init='main' needs h_start, the main path's input to layer 0.")
             h = h + h_start.float()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            modulation = None if cond.modulations is None else cond.modulations[i]
             if checkpoint and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, arch, h, c, ctx, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, arch, h, cond.c, ctx, modulation, use_reentrant=False)
             else:
-                h = block(arch, h, c, ctx)
-        return self.merged(h_main, h, c, t, class_labels)
+                h = block(arch, h, cond.c, ctx, modulation=modulation)
+        return self.merged(h_main, h, cond.gate)
 
-    def merged(self, h_main, h_f, c, t, class_labels):
-        """``h_main + (m(c_t) - m(c_0)) * h_f`` (``* (h_f - h_main)`` when the stream starts from the
-        main path): exactly ``h_main`` at ``t = 0``."""
+    def merged(self, h_main, h_f, gate):
+        """``h_main + g * h_f`` (``g * (h_f - h_main)`` when the stream starts from the main path),
+        with ``g = m(c_t) - m(c_0)``: exactly ``h_main`` at ``t = 0``."""
         if self.config.stream_init == "main":
             h_f = h_f - h_main.float()
-        c0 = self.conditioning(torch.zeros_like(t), class_labels)
-        gate = self.merge(c).float() - self.merge(c0).float()
-        # Zero exactly at t=0 whatever the GEMM blocking did to equal rows: steps=0 is the base.
-        gate = torch.where((t == 0).unsqueeze(-1), torch.zeros_like(gate), gate)
         return (h_main.float() + gate * h_f).to(h_main.dtype)
+
+
+@dataclass
+class TimeConditioning:
+    """The ``t``-only parts of one evaluation (see :meth:`DiffusionPath.time_conditioning`)."""
+
+    c: torch.Tensor                  # [B, Tq, cond_dim]
+    gate: torch.Tensor               # [B, Tq, H] merge gate, zero where t == 0
+    s: torch.Tensor                  # [B, Tq, 1] marginal std of x_t
+    modulations: list | None         # per block (dw1, shift1, gate1, dw2, shift2, gate2), or None
+    zero: bool                       # t == 0 everywhere

@@ -18,7 +18,6 @@ Exactness, by construction:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math

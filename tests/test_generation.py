@@ -190,3 +190,18 @@ def test_bad_generate_arguments_fail_before_generating(kwargs, match):
     kwargs.setdefault("max_new_tokens", 4)
     with pytest.raises(ValueError, match=match):
         model.generate(ids, **kwargs)
+
+
+def test_a_main_initialised_stream_generates_and_keeps_steps_0_exact():
+    model = get_l2d_model(tiny_base("llama"), tiny_config(stream_init="main")).eval()
+    randomize_path(model)
+    ids, mask = _left_padded()
+    ref = model.base_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                    pad_token_id=0, eos_token_id=2)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=6, steps=0, eos_token_id=2, pad_token_id=0), ref)
+    out = model.generate(ids, mask, max_new_tokens=4, steps=3, seed=0, eos_token_id=[], class_label="math",
+                         guidance_scale=1.5, return_dict_in_generate=True)
+    assert out.sequences.shape == (3, 11) and out.nfe == [4] * 4
+    # The path changes the result once it is trained (here: randomised) and steps > 0.
+    assert not torch.equal(model.generate(ids, mask, max_new_tokens=6, steps=3, seed=0, eos_token_id=2,
+                                          pad_token_id=0), ref)
