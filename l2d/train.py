@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .batching import Collator, length_grouped_batches
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_optimizer_tensors, \
@@ -100,16 +99,31 @@ def base_fingerprint(base) -> dict:
 
 
 def batch_loss(model, method: str, batch: dict) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over supervised tokens, their count) of one micro-batch."""
+    """(summed cross-entropy over supervised tokens, their count) of one micro-batch.
+
+    The baselines get the same economy as L2D: the backbone runs over the whole sequence, but the
+    vocabulary head and the cross-entropy only at supervised positions, chunked, so neither pays
+    for [tokens, vocab] logits it does not use.
+    """
     if method == "l2d":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     class_labels=batch["class_labels"], reduction="sum")
         return out.loss, int(out.num_tokens)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    import l2d_kernels
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    supervised = targets != IGNORE_INDEX
+    head = causal_lm.get_output_embeddings()
+    cfg = causal_lm.config
+    scaling = getattr(cfg, "logits_scaling", None)
+    loss = l2d_kernels.linear_cross_entropy(
+        hidden[:, :-1][supervised], head.weight, targets[supervised], bias=getattr(head, "bias", None),
+        softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+        logit_scale=None if scaling in (None, 1, 1.0) else 1.0 / scaling, reduction="sum")
+    return loss, int(supervised.sum())
 
 
 def _recipe_view(d: dict) -> dict:

@@ -215,3 +215,23 @@ def test_two_process_ddp_matches_one_process(tmp_path, base_dir, data_file):
 
     a, b = load_file(one / "l2d_model.safetensors"), load_file(two / "l2d_model.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("family", ["llama", "granite", "gemma2"])
+def test_baseline_loss_at_supervised_positions_equals_the_full_logits_loss(family):
+    """batch_loss for lora/full only runs the head where labels supervise; the sum must not change."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from l2d.train import batch_loss
+    from tiny import batch, tiny_base
+
+    model = get_peft_model(tiny_base(family), LoraConfig(r=4, target_modules="all-linear"))
+    ids, labels = batch(T=10)
+    labels[1, :7] = -100
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    loss, n = batch_loss(model, "lora", b)
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    ref = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    assert n == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
