@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .code import STOP_SEQUENCES
+from .code import STOP_SEQUENCES, truncate_at_stop
 from .metrics import accuracy, mean_pass_at_k, plot_steps
 from .tasks import Example, Task
 
@@ -72,15 +72,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
             continue
         ids.update(int(x) for x in (e if isinstance(e, (list, tuple)) else [e]))
     return sorted(ids)
-
-
-def _cut(text: str, stops: Iterable[str]) -> str:
-    cut = len(text)
-    for s in stops:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 @torch.no_grad()
@@ -158,7 +149,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
             # kept going for the others: count each row's own tokens only.
             total_nfe += sum(nfe_per_step[:n])
             text = tokenizer.decode(row[:n], skip_special_tokens=True)
-            completions[i] = _cut(text, stop_strings or ())
+            completions[i] = truncate_at_stop(text, stop_strings or ())
     return {"completions": completions, "generated_tokens": n_generated, "nfe": total_nfe, "seconds": seconds}
 
 
