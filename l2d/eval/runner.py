@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
