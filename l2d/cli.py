@@ -2,6 +2,8 @@
 that builds its parser and sets `func`; `COMMANDS` lists them in the order `--help` shows.
 
     l2d train RECIPE.yaml [--set train.lr=5e-5 ...] [--resume DIR] [--stop-after N]
+    l2d generate ADAPTER --prompt "What is 12 + 30?" --steps 8
+    l2d eval ADAPTER --task gsm8k --steps 0,2,4,8,16 --plot steps.png
 """
 from __future__ import annotations
 
@@ -71,7 +73,66 @@ def _not_implemented(name: str) -> int:
     return 2
 
 
-add_generate = _stub("generate", "generate text with a trained adapter")
+# ---------------------------------------------------------------------------------- generate
+def run_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .data import render_prompt
+    from .eval.command import load_for_eval
+    from .generation import EarlyStop
+
+    model, tok, kind = load_for_eval(args.adapter, args.base, args.dtype)
+    if kind != "l2d" and args.steps != 0:
+        raise ValueError(f"{args.adapter!r} is a {kind} model without a diffusion path: use --steps 0.")
+    text = render_prompt(tok, args.prompt, system_prompt=args.system, chat_template=not args.raw)
+    enc = tok(text, return_tensors="pt", add_special_tokens=args.raw)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    common = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, streamer=streamer)
+    if kind != "l2d":
+        torch.manual_seed(args.seed)
+        model.generate(**enc, pad_token_id=tok.pad_token_id, **common)
+        return 0
+    steps = None if args.solver in ("dopri5", "bosh3", "adaptive_heun") else args.steps
+    out = model.generate(enc["input_ids"], enc["attention_mask"], steps=steps, solver=args.solver, grid=args.grid,
+                         rtol=args.rtol, atol=args.atol, max_nfe=args.max_nfe, class_label=args.class_label,
+                         guidance_scale=args.guidance_scale, seed=args.seed, return_dict_in_generate=True,
+                         early_stop=EarlyStop(args.early_stop) if args.early_stop else None, **common)
+    print(f"[{len(out.nfe)} tokens, {out.mean_nfe:.1f} evaluations of the diffusion path per token]", file=sys.stderr)
+    return 0
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a trained adapter at a chosen number of steps",
+                       description="Answer one prompt with an L2D adapter (or a base/peft model at --steps 0), "
+                                   "streaming the tokens as they are final.")
+    p.add_argument("adapter", help="adapter folder (l2d, peft or full model), a hub id, or 'base' with --base")
+    p.add_argument("--prompt", required=True, help="the user message (rendered with the chat template)")
+    p.add_argument("--base", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--steps", type=int, default=8, help="ODE steps per token; 0 is the base model (default 8)")
+    p.add_argument("--solver", default="euler",
+                   help="euler | midpoint | heun | rk4, or adaptive dopri5 | bosh3 | adaptive_heun (default euler)")
+    p.add_argument("--grid", default="uniform", help="fixed-grid spacing: uniform | cosmap (default uniform)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="adaptive solvers' relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-3, help="adaptive solvers' absolute tolerance")
+    p.add_argument("--max-nfe", type=int, help="cap on path evaluations per token")
+    p.add_argument("--early-stop", type=float, metavar="P",
+                   help="stop a token's solve once its argmax repeats with probability >= P")
+    p.add_argument("--class-label", help="task category for class conditioning (e.g. math, code)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance weight (needs --class-label)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of sampling")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.set_defaults(func=run_generate)
+
+
 from .eval.command import add_eval_parser as add_eval  # noqa: E402  (l2d eval lives in l2d/eval/command.py)
 add_bench = _stub("bench", "benchmark training and generation speed")
 

@@ -44,3 +44,14 @@ def test_base_only_rejects_steps(saved, capsys):
     code = main(["eval", "base", "--base", str(saved / "base"), "--task", "gsm8k", "--data",
                  str(saved / "gsm8k.jsonl"), "--steps", "0,4", "--no-progress"])
     assert code != 0 and "only --steps 0" in capsys.readouterr().err
+
+
+def test_l2d_generate_streams_the_answer_and_reports_nfe(saved, capsys):
+    code = main(["generate", str(saved / "adapter"), "--base", str(saved / "base"), "--prompt", "1+2",
+                 "--steps", "3", "--solver", "midpoint", "--max-new-tokens", "5"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "evaluations of the diffusion path per token" in captured.err
+    assert "7.0 evaluations" in captured.err  # midpoint: 2 x 3 steps + the read-out
+    code = main(["generate", "base", "--base", str(saved / "base"), "--prompt", "1+2", "--steps", "2"])
+    assert code != 0 and "without a diffusion path" in capsys.readouterr().err
