@@ -1,0 +1,90 @@
+"""Ablations for the sample-efficiency question (issue 7), on the VALIDATION split only.
+
+Each setting trains an adapter on the demo's recipe (SmolLM2-135M-Instruct, 2-term arithmetic,
+same data, seed and step budget) with some overrides, then scores it on validation problems (a
+seed of their own, no question shared with training) at several step counts. Held-out numbers
+come once, from the demo, with the defaults chosen here.
+
+    python benchmarks/ablate.py --steps 100 --n 128 paper main main-sigma8
+    python benchmarks/ablate.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "paper": [],                                   # the method as in DESIGN.md
+    "main": ["l2d.stream_init=main"],              # the stream starts as the main path
+    "main-sigma8": ["l2d.stream_init=main", "l2d.sigma=8.0"],
+    "main-nosc": ["l2d.stream_init=main", "l2d.self_conditioning=0.0"],
+    "main-lr3e-3": ["l2d.stream_init=main", "train.lr=3e-3"],
+    "paper-sigma8": ["l2d.sigma=8.0"],
+    "paper-lr3e-4": ["train.lr=3e-4"],
+    "main-lr3e-4": ["l2d.stream_init=main", "train.lr=3e-4"],
+    "lora": ["method=lora"],
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("settings", nargs="*", help=f"settings to run, from {sorted(SETTINGS)}")
+    parser.add_argument("--list", action="store_true", help="print the settings and their overrides, then exit")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per training run")
+    parser.add_argument("--n", type=int, default=128, help="validation problems")
+    parser.add_argument("--eval-steps", default="0,1,4,16", help="comma-separated step counts to score")
+    parser.add_argument("--solver", default="euler", help="ODE solver for scoring")
+    parser.add_argument("--out", default="runs/ablate", help="output folder (adapters and results.jsonl)")
+    parser.add_argument("--recipe", default="recipes/smollm2-135m/arithmetic.yaml", help="base recipe")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, overrides in SETTINGS.items():
+            print(f"{name:14s} {' '.join(overrides) or '(recipe as is)'}")
+        return 0
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown or not args.settings:
+        parser.error(f"choose settings from {sorted(SETTINGS)} (unknown: {unknown})")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from l2d.data import reasoning_gym_dataset
+    from l2d.demo import SYSTEM_PROMPT, VALIDATION_SEED, heldout_task
+    from l2d.eval.command import load_for_eval
+    from l2d.eval.runner import evaluate
+    from l2d.recipe import load_recipe
+    from l2d.train import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps_list = [int(s) for s in args.eval_steps.split(",")]
+    recipe = load_recipe(args.recipe)
+    source = recipe.data.sources[0]
+    train_questions = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
+                                                **source.generator_kwargs)["prompt"])
+    val_task, _ = heldout_task(source, args.n, VALIDATION_SEED, train_questions)
+    for name in args.settings:
+        run_dir = out / name
+        overrides = SETTINGS[name] + [f"train.output_dir={run_dir}", f"train.max_steps={args.steps}",
+                                      "train.save_every=0", "train.keep_last=1",
+                                      f"data.system_prompt={SYSTEM_PROMPT}"]  # as the demo trains and scores
+        t0 = time.perf_counter()
+        summary = train(load_recipe(args.recipe, overrides), overwrite=True)
+        seconds = time.perf_counter() - t0
+        model, tok, _ = load_for_eval(str(run_dir))
+        lora = "method=lora" in SETTINGS[name]
+        rows = evaluate(model, tok, val_task, [0] if lora else steps_list, solver=args.solver, method=name,
+                        batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat")
+        acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}
+        record = {"setting": name, "overrides": SETTINGS[name], "train_steps": args.steps,
+                  "final_loss": summary.get("loss"), "train_s": round(seconds), "val_accuracy": acc,
+                  "n": len(val_task), "solver": args.solver}
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
