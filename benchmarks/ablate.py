@@ -25,8 +25,67 @@ SETTINGS = {
     "paper-sigma8": ["l2d.sigma=8.0"],
     "paper-lr3e-4": ["train.lr=3e-4"],
     "main-lr3e-4": ["l2d.stream_init=main", "train.lr=3e-4"],
+    "paper-ramp": ["l2d.merge_init=ramp"],         # merge gate open from the first step
+    "main-ramp": ["l2d.stream_init=main", "l2d.merge_init=ramp"],
+    "main-ramp-nosc": ["l2d.stream_init=main", "l2d.merge_init=ramp", "l2d.self_conditioning=0.0"],
+    "main-ramp-sigma8": ["l2d.stream_init=main", "l2d.merge_init=ramp", "l2d.sigma=8.0"],
+    "main-ramp-uniform": ["l2d.stream_init=main", "l2d.merge_init=ramp", "l2d.schedule=uniform"],
+    "main-ramp-head0.1": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
+    "main-ramp-head0": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0"],
+    "main-ramp-head0-uniform": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
+                                "l2d.schedule=uniform"],
+    "main-ramp-head0-ln1": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
+                            "l2d.schedule=logit_normal", "l2d.logit_normal_mean=1.0"],
+    "main-ramp-head0-lr3e-3": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
+                               "train.lr=3e-3"],
+    "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
 }
+
+
+LOSS_TIMES = (0.0, 0.5, 0.9, 0.98, 1.0)
+
+
+def loss_by_t(model, tokenizer, task, times=LOSS_TIMES, batch_size: int = 32) -> dict:
+    """Teacher-forced cross-entropy of the gold answers (+ end of turn) at fixed ``t``, same noise
+    for every ``t``: how much the path predicts from the context alone (mid ``t``, the latent is
+    almost pure noise at sigma 64) and how much it reads from the latent (``t`` near 1)."""
+    import torch
+
+    from l2d.data import render_prompt
+
+    eos = tokenizer.eos_token_id
+    rows = []
+    for ex in task.examples:
+        prompt = tokenizer(render_prompt(tokenizer, ex.messages), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(ex.gold, add_special_tokens=False)["input_ids"] + [eos]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    totals = {t: 0.0 for t in times}
+    count = 0
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        T = max(len(ids) for ids, _ in chunk)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        ids = torch.tensor([i + [pad] * (T - len(i)) for i, _ in chunk])   # right padding: positions 0..n-1
+        labels = torch.tensor([l + [-100] * (T - len(l)) for _, l in chunk])
+        mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in chunk])
+        with torch.no_grad():
+            if not hasattr(model, "path"):  # a peft or plain model: one teacher-forced loss, no t
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                         ignore_index=-100, reduction="sum")
+                for t in times:
+                    totals[t] += loss.item()
+                count += int((labels[:, 1:] != -100).sum())
+                continue
+            noise = torch.randn(len(chunk), T, model.config.latent_dim, generator=g)
+            for t in times:
+                out = model(ids, attention_mask=mask, labels=labels, t=t, noise=noise, reduction="sum",
+                            self_conditioning=False)
+                totals[t] += out.loss.item()
+        count += int((labels[:, 1:] != -100).sum())
+    return {str(t): round(v / count, 3) for t, v in totals.items()}
 
 
 def main(argv=None) -> int:
@@ -38,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", default="0,1,4,16", help="comma-separated step counts to score")
     parser.add_argument("--solver", default="euler", help="ODE solver for scoring")
     parser.add_argument("--out", default="runs/ablate", help="output folder (adapters and results.jsonl)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="score adapters already trained under --out instead of training them again")
     parser.add_argument("--recipe", default="recipes/smollm2-135m/arithmetic.yaml", help="base recipe")
     args = parser.parse_args(argv)
     if args.list:
@@ -70,17 +131,22 @@ def main(argv=None) -> int:
                                       "train.save_every=0", "train.keep_last=1",
                                       f"data.system_prompt={SYSTEM_PROMPT}"]  # as the demo trains and scores
         t0 = time.perf_counter()
-        summary = train(load_recipe(args.recipe, overrides), overwrite=True)
-        seconds = time.perf_counter() - t0
+        if args.eval_only:
+            summary = {"loss": None}
+        else:
+            summary = train(load_recipe(args.recipe, overrides), overwrite=True)
+        seconds = None if args.eval_only else round(time.perf_counter() - t0)
         model, tok, _ = load_for_eval(str(run_dir))
         lora = "method=lora" in SETTINGS[name]
         rows = evaluate(model, tok, val_task, [0] if lora else steps_list, solver=args.solver, method=name,
                         batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat")
         acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}
+        val_loss = loss_by_t(model, tok, val_task, times=(1.0,) if lora else LOSS_TIMES)
         record = {"setting": name, "overrides": SETTINGS[name], "train_steps": args.steps,
-                  "final_loss": summary.get("loss"), "train_s": round(seconds), "val_accuracy": acc,
+                  "final_loss": summary.get("loss"), "train_s": seconds, "val_accuracy": acc,
+                  "val_loss_by_t": val_loss,
                   "n": len(val_task), "solver": args.solver}
-        with open(out / "results.jsonl", "a") as f:
+        with open(out / ("rescored.jsonl" if args.eval_only else "results.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
     return 0

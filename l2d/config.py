@@ -11,6 +11,7 @@ WEIGHTS_NAME = "l2d_model.safetensors"
 SCHEDULES = ("cosmap", "uniform", "logit_normal")
 PATH_VARIANTS = ("lora", "full")
 STREAM_INITS = ("encoder", "main")
+MERGE_INITS = ("zero", "ramp")
 DEFAULT_CLASSES = ("math", "code", "general", "other")
 
 
@@ -43,6 +44,12 @@ class L2DConfig:
             starting as an exact copy of its frozen layer (gates open at 1), merge of the difference
             ``h_main + g * (h_f - h_main)``; the stream then begins as the base computation at that
             position and learns a correction, as a LoRA does.
+        merge_init: How the merge gate ``g(t)`` starts. ``zero`` (the paper's): ``g = m(c_t) - m(c_0)``
+            with ``m`` zero-initialised, so nothing behind the gate gets a gradient until ``m`` has
+            grown (with ``stream_init="encoder"`` the blocks' gates are shut too: two zeros in a
+            row). ``ramp``: ``g = t + m(c_t) - m(c_0)``, open from the first step, with the input
+            encoder's output layer zero-initialised instead so that the path still equals the
+            base at every ``t`` at initialisation. Both are exactly zero at ``t = 0``.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -62,6 +69,7 @@ class L2DConfig:
     self_conditioning: float = field(default=0.5, metadata={"help": "Self-conditioning probability."})
     encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
     stream_init: str = field(default="encoder", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
+    merge_init: str = field(default="zero", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 
@@ -86,6 +94,8 @@ class L2DConfig:
             (self.encoder_hidden >= 0, "encoder_hidden must be >= 0"),
             (self.stream_init in STREAM_INITS,
              f"stream_init must be one of {STREAM_INITS}, got {self.stream_init!r}"),
+            (self.merge_init in MERGE_INITS,
+             f"merge_init must be one of {MERGE_INITS}, got {self.merge_init!r}"),
             (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
         ]
         for ok, message in checks:

@@ -7,7 +7,7 @@ For a query position ``i`` with noisy latent ``x_t`` of token ``y_{i+1}``:
     per layer l, with (dw1, shift1, gate1, dw2, shift2, gate2) = adaLN_l(c):
       h_f += gate1 * O'( Attn( Q'( Norm_{w1+dw1}(h_f) + shift1 ), K_main_l, V_main_l ) )
       h_f += gate2 * MLP'( Norm_{w2+dw2}(h_f) + shift2 )
-    h    = h_main_L + (m(c_t) - m(c_0)) * h_f
+    h    = h_main_L + g(t) * h_f,   g(t) = m(c_t) - m(c_0)   (+ t with merge_init="ramp")
 
 ``Q'``, ``O'``, ``MLP'`` are the layer's frozen modules plus trainable deltas. The path has no
 keys/values of its own: query ``i`` attends to the main path's keys ``0..i`` only.
@@ -299,6 +299,9 @@ class DiffusionPath(nn.Module):
         self.latent = LatentMap(hidden, config.latent_dim)
         self.conditioning = Conditioning(config)
         self.encoder = InputEncoder(config.latent_dim, config.encoder_hidden or hidden, hidden)
+        if config.merge_init == "ramp":  # the gate starts open, so the path's input starts at zero
+            nn.init.zeros_(self.encoder.net[-1].weight)
+            nn.init.zeros_(self.encoder.net[-1].bias)
         self.blocks = nn.ModuleList(DiffusionBlock(arch, i, config, self.switch) for i in range(arch.num_layers))
         self.merge = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, hidden))
         nn.init.zeros_(self.merge[1].weight)
@@ -320,6 +323,8 @@ class DiffusionPath(nn.Module):
         c = self.conditioning(t, class_labels)
         c0 = self.conditioning(torch.zeros_like(t), class_labels)
         gate = self.merge(c).float() - self.merge(c0).float()
+        if self.config.merge_init == "ramp":  # g = t + m(c_t) - m(c_0): open from the first step
+            gate = gate + t.float().clamp(0.0, 1.0).unsqueeze(-1)
         # Zero exactly at t=0 whatever the GEMM blocking did to equal rows: steps=0 is the base.
         at_zero = (t == 0).unsqueeze(-1)
         gate = torch.where(at_zero, torch.zeros_like(gate), gate)

@@ -88,6 +88,9 @@ class TrainSection:
     min_lr: float = field(default=1e-6, metadata=_help("Learning rate at the end of the cosine decay."))
     warmup_steps: int = field(default=100, metadata=_help("Linear warmup from 0 to lr."))
     schedule: str = field(default="cosine", metadata=_help("Decay after warmup: cosine, linear or constant."))
+    head_lr_scale: float = field(default=1.0, metadata=_help(
+        "l2d only: learning-rate multiplier of the path's conditioning heads (per-block adaLN heads, merge "
+        "head, time MLP, class embedding); the low-rank deltas, latent map and encoder train at lr."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("AdamW betas."))
     eps: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW decoupled weight decay."))
@@ -220,6 +223,7 @@ def _check(recipe: Recipe) -> Recipe:
         (t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be positive or null"),
         (t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", "must lie in [0, train.lr] (and lr > 0)"),
         (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (t.head_lr_scale >= 0, "train.head_lr_scale", "must be >= 0 (0 freezes the conditioning heads)"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),
         (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),

@@ -92,6 +92,30 @@ def build_model(recipe: Recipe, base):
     return model.train()
 
 
+HEAD_PARTS = (".adaln.", "path.merge.", "path.conditioning.")
+
+
+def optimizer_groups(model, recipe: Recipe) -> list[dict]:
+    """AdamW groups: no weight decay on vectors; for l2d, the conditioning heads at ``head_lr_scale``.
+
+    The heads (per-block adaLN, merge, time MLP, class embedding) see only ``t`` and the class.
+    AdamW moves every weight by about ``lr`` per step, so a head's output moves by about
+    ``lr * cond_dim`` while a low-rank delta's moves by about ``lr * rank``-ish: a smaller rate
+    for the heads keeps them from outrunning the deltas that read the context.
+    """
+    t = recipe.train
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for is_head in (False, True):
+        scale = t.head_lr_scale if is_head else 1.0
+        for decay in (True, False):
+            ps = [p for n, p in named if (recipe.method == "l2d" and any(k in n for k in HEAD_PARTS)) == is_head
+                  and (p.dim() >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr_scale": scale})
+    return groups
+
+
 def base_fingerprint(base) -> dict:
     emb = base.get_input_embeddings().weight
     return {"model_type": base.config.model_type, "vocab_size": int(emb.shape[0]),
@@ -265,9 +289,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     model = build_model(recipe, base)
     fingerprint = base_fingerprint(base)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, recipe), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     n_trainable = sum(p.numel() for p in params)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -379,7 +401,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
                     raise _NonFinite(step + 1, what="gradient norm")
             lr = lr_at(step, total_steps, t)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

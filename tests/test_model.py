@@ -45,11 +45,12 @@ def test_wrap_forward_backward_save_load(family, tmp_path):
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("stream_init", ["encoder", "main"])
+@pytest.mark.parametrize("stream_init,merge_init", [("encoder", "zero"), ("main", "zero"), ("encoder", "ramp"),
+                                                     ("main", "ramp")])
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox", "granite", "olmo2"])
-def test_t0_equals_the_base_before_and_after_training(family, stream_init):
+def test_t0_equals_the_base_before_and_after_training(family, stream_init, merge_init):
     base = tiny_base(family)
-    model = get_l2d_model(base, tiny_config(stream_init=stream_init)).eval()
+    model = get_l2d_model(base, tiny_config(stream_init=stream_init, merge_init=merge_init)).eval()
     ids, _ = batch(seed=3)
     ref = _base_logits(base, ids)
     for t in (0.0, 0.3, 0.99):  # at init the path is the identity at every t
@@ -125,13 +126,37 @@ def test_latents_have_norm_sqrt_d():
     assert torch.isfinite(z).all()
 
 
-@pytest.mark.parametrize("variant,stream_init", [("lora", "encoder"), ("full", "encoder"), ("lora", "main")])
-def test_a_tiny_model_learns(variant, stream_init):
+@pytest.mark.parametrize("stream_init", ["encoder", "main"])
+def test_a_ramp_merge_gives_the_path_gradients_from_the_first_step(stream_init):
+    """merge_init='zero' leaves every delta without gradient at init (the merge gate is zero);
+    'ramp' opens the gate, so the deltas (and with stream_init='main' every one of them) learn at once."""
+    ids, labels = batch(seed=4)
+    grads = {}
+    for merge_init in ("zero", "ramp"):
+        model = get_l2d_model(tiny_base("llama"), tiny_config(stream_init=stream_init, merge_init=merge_init,
+                                                              self_conditioning=0.0))
+        model(ids, labels=labels, t=0.5).loss.backward()
+        grads[merge_init] = {n: p.grad.abs().sum().item() if p.grad is not None else 0.0
+                             for n, p in model.path.named_parameters()}
+    zero_deltas = [v for n, v in grads["zero"].items() if ".lora_b" in n or "_delta.b" in n or n.endswith(".B")]
+    ramp = grads["ramp"]
+    assert all(v == 0.0 for v in zero_deltas)
+    assert ramp["encoder.net.2.weight"] > 0
+    # h_f equals what it is merged against at init (up to rounding): nothing for m to gate yet
+    assert ramp["merge.1.weight"] < 1e-4 * ramp["encoder.net.2.weight"]
+    if stream_init == "main":
+        assert sum(v > 0 for n, v in ramp.items() if "q_delta" in n) == len([n for n in ramp if "q_delta" in n]) // 2
+
+
+@pytest.mark.parametrize("variant,stream_init,merge_init", [("lora", "encoder", "zero"), ("full", "encoder", "zero"),
+                                                            ("lora", "main", "zero"), ("lora", "main", "ramp"),
+                                                            ("lora", "encoder", "ramp")])
+def test_a_tiny_model_learns(variant, stream_init, merge_init):
     torch.manual_seed(0)
     # A wider init than the default 0.02: with hidden 32 a 0.02 head cannot make confident logits.
     base = tiny_base("llama", initializer_range=0.2)
     model = get_l2d_model(base, tiny_config(path_variant=variant, stream_init=stream_init, self_conditioning=0.0,
-                                            class_dropout=0.0))
+                                            class_dropout=0.0, merge_init=merge_init))
     # Fixed data the random base cannot know: after a prompt, the answer is a fixed function of it.
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, VOCAB, (16, 6), generator=g)

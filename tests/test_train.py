@@ -120,6 +120,25 @@ def test_short_run_saves_an_adapter_that_loads(tmp_path, base_dir, data_file):
         sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_head_lr_scale_sets_the_conditioning_heads_rate(tmp_path, base_dir, data_file):
+    """head_lr_scale=0 leaves every conditioning head (adaLN, merge, time MLP, class embedding) where
+    it started while the deltas and the encoder train; the groups carry the scale."""
+    recipe = recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "run", max_steps=3, head_lr_scale=0.0))
+    # open gates everywhere (the blocks' and the merge's), so the deltas learn with the heads frozen
+    recipe.l2d.merge_init, recipe.l2d.stream_init = "ramp", "main"
+    groups = train_mod.optimizer_groups(train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir)),
+                                        recipe)
+    assert sorted({g["lr_scale"] for g in groups}) == [0.0, 1.0]
+    train(recipe)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    trained = L2DModel.from_pretrained(base, str(tmp_path / "run")).path.state_dict()
+    fresh = L2DModel(AutoModelForCausalLM.from_pretrained(base_dir), recipe.l2d).path.state_dict()
+    heads = [n for n in trained if any(k in "path." + n for k in train_mod.HEAD_PARTS)]
+    assert heads and all(torch.equal(trained[n], fresh[n]) for n in heads if "adaln" in n or "merge" in n)
+    assert not torch.equal(trained["blocks.0.q_delta.B"], fresh["blocks.0.q_delta.B"])
+    assert not torch.equal(trained["encoder.net.2.weight"], fresh["encoder.net.2.weight"])
+
+
 def test_interrupted_then_resumed_run_repeats_the_loss_curve(tmp_path, base_dir, data_file):
     full, part = tmp_path / "full", tmp_path / "part"
     train(recipe_from_dict(make_recipe(base_dir, data_file, full)))
