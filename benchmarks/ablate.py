@@ -16,8 +16,11 @@ import os
 import time
 from pathlib import Path
 
+# Every setting starts from the paper's method (whatever the recipe now says), then changes one
+# thing at a time on top of its parent's overrides.
+PAPER = ["l2d.stream_init=encoder", "l2d.merge_init=zero", "train.head_lr_scale=1.0"]
 SETTINGS = {
-    "paper": [],                                   # the method as in DESIGN.md
+    "paper": [],                                   # the method as in DESIGN.md (and the defaults before)
     "main": ["l2d.stream_init=main"],              # the stream starts as the main path
     "main-sigma8": ["l2d.stream_init=main", "l2d.sigma=8.0"],
     "main-nosc": ["l2d.stream_init=main", "l2d.self_conditioning=0.0"],
@@ -38,9 +41,19 @@ SETTINGS = {
                             "l2d.schedule=logit_normal", "l2d.logit_normal_mean=1.0"],
     "main-ramp-head0-lr3e-3": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
                                "train.lr=3e-3"],
+    "main-ramp-head0-nosc": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
+                             "l2d.self_conditioning=0.0"],
+    "main-ramp-head0-full": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
+                             "l2d.path_variant=full", "train.lr=3e-4"],
+    "main-ramp-head0-r128": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
+                             "l2d.rank=128", "l2d.alpha=128"],
+    "main-ramp-head0-kv32": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
+                             "l2d.kv_rank=32"],
+    "main-open-head0": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
 }
+SETTINGS = {name: (overrides if name == "lora" else PAPER + overrides) for name, overrides in SETTINGS.items()}
 
 
 LOSS_TIMES = (0.0, 0.5, 0.9, 0.98, 1.0)
@@ -88,6 +101,25 @@ def loss_by_t(model, tokenizer, task, times=LOSS_TIMES, batch_size: int = 32) ->
     return {str(t): round(v / count, 3) for t, v in totals.items()}
 
 
+def markdown_table(path: Path) -> str:
+    """One row per setting (its latest record): accuracy by steps, validation loss by t, time."""
+    latest = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["setting"], r["train_steps"])] = r
+    steps = sorted({int(s) for r in latest.values() for s in r["val_accuracy"]})
+    times = [str(t) for t in LOSS_TIMES]
+    head = (["setting", "train steps", "train s"] + [f"acc @{s}" for s in steps]
+            + [f"loss t={t}" for t in times])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in latest.values():
+        acc = [str(r["val_accuracy"].get(str(s), "")) for s in steps]
+        loss = r.get("val_loss_by_t") or {}
+        cells = [r["setting"], str(r["train_steps"]), str(r["train_s"])] + acc + [str(loss.get(t, "")) for t in times]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="*", help=f"settings to run, from {sorted(SETTINGS)}")
@@ -97,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", default="0,1,4,16", help="comma-separated step counts to score")
     parser.add_argument("--solver", default="euler", help="ODE solver for scoring")
     parser.add_argument("--out", default="runs/ablate", help="output folder (adapters and results.jsonl)")
+    parser.add_argument("--table", action="store_true",
+                        help="print results.jsonl under --out as a markdown table (latest record per setting), then exit")
     parser.add_argument("--eval-only", action="store_true",
                         help="score adapters already trained under --out instead of training them again")
     parser.add_argument("--recipe", default="recipes/smollm2-135m/arithmetic.yaml", help="base recipe")
@@ -104,6 +138,9 @@ def main(argv=None) -> int:
     if args.list:
         for name, overrides in SETTINGS.items():
             print(f"{name:14s} {' '.join(overrides) or '(recipe as is)'}")
+        return 0
+    if args.table:
+        print(markdown_table(Path(args.out) / "results.jsonl"))
         return 0
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown or not args.settings:

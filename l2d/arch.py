@@ -115,6 +115,11 @@ class ArchAdapter:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         return n_heads, head_dim
 
+    def kv_dims(self, i: int) -> tuple[int, int]:
+        """(number of key/value heads, head_dim)."""
+        n_heads, head_dim = self.head_dims(i)
+        return getattr(self.config, "num_key_value_heads", None) or n_heads, head_dim
+
     def q_in_out(self, i: int) -> tuple[int, int]:
         n_heads, head_dim = self.head_dims(i)
         return self.hidden_size, n_heads * head_dim

@@ -11,7 +11,7 @@ WEIGHTS_NAME = "l2d_model.safetensors"
 SCHEDULES = ("cosmap", "uniform", "logit_normal")
 PATH_VARIANTS = ("lora", "full")
 STREAM_INITS = ("encoder", "main")
-MERGE_INITS = ("zero", "ramp")
+MERGE_INITS = ("zero", "ramp", "open")
 DEFAULT_CLASSES = ("math", "code", "general", "other")
 
 
@@ -37,19 +37,28 @@ class L2DConfig:
         class_dropout: Probability of replacing the class label by the null class in training.
         self_conditioning: Probability, per training step, of a first no-grad pass whose expected
             latent ``softmax(logits) @ Z`` feeds the second pass as ``z_hat``. 0 disables it.
+        kv_rank: Rank of low-rank deltas on the keys and values the path reads (0, the default
+            and the paper's: the main path's cached K/V as they are). With ``r > 0`` layer ``l``'s
+            path attends to ``K + rot(dK x)`` and ``V + dV x``, ``x`` being what the main path's
+            attention module received at every position (its normalised input) and ``dK``, ``dV``
+            rank-``r`` maps that start at zero. The main path itself never changes (so ``t = 0``
+            stays the base); the path can read the context differently, as a LoRA on k/v would.
         encoder_hidden: Hidden width of the input encoder MLP (0 means the model's hidden size).
-        stream_init: Where the diffusion stream starts. ``encoder`` (the paper's): from the encoded
-            latent alone, every block gated shut at init, merge ``h_main + g * h_f``. ``main``: from the
-            main path's input to layer 0 (the token embedding) plus the encoded latent, every block
-            starting as an exact copy of its frozen layer (gates open at 1), merge of the difference
-            ``h_main + g * (h_f - h_main)``; the stream then begins as the base computation at that
-            position and learns a correction, as a LoRA does.
-        merge_init: How the merge gate ``g(t)`` starts. ``zero`` (the paper's): ``g = m(c_t) - m(c_0)``
-            with ``m`` zero-initialised, so nothing behind the gate gets a gradient until ``m`` has
-            grown (with ``stream_init="encoder"`` the blocks' gates are shut too: two zeros in a
-            row). ``ramp``: ``g = t + m(c_t) - m(c_0)``, open from the first step, with the input
-            encoder's output layer zero-initialised instead so that the path still equals the
-            base at every ``t`` at initialisation. Both are exactly zero at ``t = 0``.
+        stream_init: Where the diffusion stream starts. ``main`` (default): from the main path's
+            input to layer 0 (the token embedding) plus the encoded latent, every block starting as
+            an exact copy of its frozen layer (gates open at 1), merge of the difference
+            ``h_main + g * (h_f - h_main)``; the stream begins as the base computation at that
+            position and learns a correction, as a LoRA does. ``encoder`` (the paper's): from the
+            encoded latent alone, every block gated shut at init, merge ``h_main + g * h_f``.
+        merge_init: How the merge gate ``g(t)`` starts. ``ramp`` (default): ``g = t + m(c_t) - m(c_0)``,
+            open from the first step, with the input encoder's output layer zero-initialised
+            instead so that the path still equals the base at every ``t`` at initialisation.
+            ``open``: ``g = 1[t > 0] + m(c_t) - m(c_0)``, the path's full output at every ``t > 0``
+            (the base only at ``t = 0`` itself), the encoder zero-initialised as for ``ramp``.
+            ``zero`` (the paper's): ``g = m(c_t) - m(c_0)`` with ``m`` zero-initialised, so nothing
+            behind the gate gets a gradient until ``m`` has grown (with ``stream_init="encoder"``
+            the blocks' gates are shut too: two zeros in a row). Both are exactly zero at ``t = 0``.
+            The defaults ``main`` + ``ramp`` come from the ablations in benchmarks/README.md.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -67,9 +76,10 @@ class L2DConfig:
     class_names: tuple = field(default=DEFAULT_CLASSES, metadata={"help": "Task categories."})
     class_dropout: float = field(default=0.2, metadata={"help": "Null-class probability in training."})
     self_conditioning: float = field(default=0.5, metadata={"help": "Self-conditioning probability."})
+    kv_rank: int = field(default=0, metadata={"help": "Rank of the key/value deltas (0: none)."})
     encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
-    stream_init: str = field(default="encoder", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
-    merge_init: str = field(default="zero", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
+    stream_init: str = field(default="main", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
+    merge_init: str = field(default="ramp", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 
@@ -92,6 +102,7 @@ class L2DConfig:
             (0.0 <= self.class_dropout <= 1.0, "class_dropout must lie in [0, 1]"),
             (0.0 <= self.self_conditioning <= 1.0, "self_conditioning must lie in [0, 1]"),
             (self.encoder_hidden >= 0, "encoder_hidden must be >= 0"),
+            (self.kv_rank >= 0, "kv_rank must be >= 0"),
             (self.stream_init in STREAM_INITS,
              f"stream_init must be one of {STREAM_INITS}, got {self.stream_init!r}"),
             (self.merge_init in MERGE_INITS,

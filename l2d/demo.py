@@ -26,7 +26,7 @@ STEPS = (0, 1, 2, 4, 8, 16)
 VALIDATION_SEED = 2_000_017      # validation problems (solver choice)
 SOLVER_CANDIDATES = ("euler", "midpoint")
 BUDGETS = {  # optimizer steps of 32 sequences per run; held-out and validation problems
-    "quick": {"train_steps": 30, "n_eval": 80, "n_val": 24},
+    "quick": {"train_steps": 80, "n_eval": 80, "n_val": 24},
     "full": {"train_steps": 300, "n_eval": 400, "n_val": 100},
 }
 # A short system turn for training and evaluation alike: it replaces SmolLM2's default system

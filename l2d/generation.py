@@ -304,6 +304,7 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     sequences, mask = input_ids, attention_mask
     main = model.run_main_path(input_ids, mask)
+    kv = model.kv_deltas(main) if use_path else None  # the path's K/V deltas, extended token by token
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     nfe_log = []
     if streamer is not None:
@@ -313,7 +314,7 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         if use_path:
             logits, nfe = _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol,
                                        max_nfe, estimate, readout, early_stop, guidance_scale, temperature, rngs,
-                                       cond_cache)
+                                       cond_cache, kv)
         else:
             logits, nfe = model.head_logits(h_last), 0
         nfe_log.append(nfe)
@@ -331,6 +332,8 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
             break
         pos = positions_from_mask(mask)[:, -1:]
         main = model.run_main_path(nxt[:, None], mask, position_ids=pos, cache=main.cache)
+        if kv is not None:
+            kv = model.kv_deltas(main, previous=kv)
     if streamer is not None:
         streamer.end()
     if return_dict_in_generate:
@@ -339,12 +342,12 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol, max_nfe,
-                 estimate, readout, early_stop, guidance_scale, temperature, rngs, cond_cache=None):
+                 estimate, readout, early_stop, guidance_scale, temperature, rngs, cond_cache=None, kv=None):
     """Integrate one token's latent from noise to t=1; returns (logits [B, 1, V], NFE)."""
     B = h_last.shape[0]
     T = main.attention_mask.shape[1]
     query_index = torch.full((B, 1), T - 1, dtype=torch.long, device=h_last.device)
-    ctx = model.stream_context(main, query_index)
+    ctx = model.stream_context(main, query_index, kv)
     if guidance_scale is not None:  # cond and uncond as one batch: the K/V are shared by both halves
         ctx.keys = [k.repeat(2, 1, 1, 1) for k in ctx.keys]
         ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]

@@ -47,6 +47,7 @@ class MainPathState:
     position_ids: torch.Tensor   # [B, T] rotary positions (cumsum of the mask, as generate does)
     attention_mask: torch.Tensor  # [B, T]
     embeds: torch.Tensor | None = None  # [B, T, H] input to decoder layer 0 (token embeddings as the layers see them)
+    attn_inputs: list | None = None     # per layer [B, T, H]: what its attention module received (kv_rank > 0)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -198,21 +199,45 @@ class L2DModel(nn.Module):
             hooks.append(self.arch.layers[0].register_forward_pre_hook(
                 lambda m, args, kwargs: captured.__setitem__("e", args[0] if args else kwargs["hidden_states"]),
                 with_kwargs=True))
+        if self.config.kv_rank:
+            inputs = [None] * self.arch.num_layers
+            for i in range(self.arch.num_layers):
+                hooks.append(self.arch.attn(i).register_forward_pre_hook(
+                    lambda m, args, kwargs, i=i: inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            captured["a"] = inputs
         try:
             out = self.arch.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      past_key_values=cache if cache is not None else DynamicCache(), use_cache=True)
         finally:
             for hook in hooks:
                 hook.remove()
-        return MainPathState(out.past_key_values, captured["h"], position_ids, attention_mask, captured.get("e"))
+        return MainPathState(out.past_key_values, captured["h"], position_ids, attention_mask, captured.get("e"),
+                             captured.get("a"))
 
-    def stream_context(self, main: MainPathState, query_index: torch.Tensor) -> StreamContext:
+    def kv_deltas(self, main: MainPathState, previous: list | None = None) -> list | None:
+        """The path's key/value deltas at the positions ``main`` just ran (``kv_rank > 0``), appended
+        to ``previous`` (the earlier positions', when decoding token by token)."""
+        new = self.path.kv_deltas(self.arch, main.attn_inputs, main.position_ids) if main.attn_inputs else None
+        if new is None or previous is None:
+            return new
+        return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(previous, new)]
+
+    def stream_context(self, main: MainPathState, query_index: torch.Tensor, kv_deltas=None) -> StreamContext:
+        """What the blocks read for ``query_index``; ``kv_deltas`` default to those of ``main``'s
+        own positions (the whole sequence in a teacher-forced forward)."""
         keys = [layer.keys for layer in main.cache.layers]
         values = [layer.values for layer in main.cache.layers]
         pos = main.position_ids
         if pos.shape[1] != main.attention_mask.shape[1]:  # incremental decoding: positions of the new tokens only
             pos = positions_from_mask(main.attention_mask)
-        return StreamContext(keys, values, query_index, pos.gather(1, query_index), main.attention_mask, self.dtype)
+        if kv_deltas is None:
+            kv_deltas = self.kv_deltas(main)
+        if kv_deltas is not None and kv_deltas[0][0].shape[2] != keys[0].shape[2]:
+            raise ValueError(f"kv_deltas cover {kv_deltas[0][0].shape[2]} positions, the cache {keys[0].shape[2]}: "
+                             "pass the deltas of every position (model.kv_deltas(main, previous)).")
+        return StreamContext(keys, values, query_index, pos.gather(1, query_index), main.attention_mask, self.dtype,
+                             kv_deltas)
 
     # --- the head ------------------------------------------------------------------------------
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:

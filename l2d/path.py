@@ -118,6 +118,19 @@ class MLPDeltas(nn.Module):
             return None
         return hook
 
+    def kv_deltas(self, arch: ArchAdapter, attn_inputs: list, position_ids: torch.Tensor) -> list | None:
+        """Per layer ``(dK, dV)`` at the positions of ``attn_inputs`` (``kv_rank > 0``), else None."""
+        if not self.config.kv_rank:
+            return None
+        rotary = {}
+        out = []
+        for i, (block, x) in enumerate(zip(self.blocks, attn_inputs)):
+            key = arch.rotary_key(i)
+            if key not in rotary:
+                rotary[key] = arch.rotary(i, x, position_ids)
+            out.append(block.kv_deltas(arch, x.float(), rotary[key]))
+        return out
+
     def remove_hooks(self):
         for h in getattr(self, "_handles", []):
             h.remove()
@@ -188,6 +201,20 @@ class DiffusionBlock(nn.Module):
         o_in, o_out = _linear_features(arch.o_module(index))
         self.o_delta = make_delta(config, o_in, o_out)
         self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch)
+        if config.kv_rank:  # same alpha / rank scale as the other deltas
+            kv_heads, head_dim = arch.kv_dims(index)
+            scale_alpha = config.alpha * config.kv_rank / config.rank
+            self.k_delta = LowRankDelta(hidden, kv_heads * head_dim, config.kv_rank, scale_alpha)
+            self.v_delta = LowRankDelta(hidden, kv_heads * head_dim, config.kv_rank, scale_alpha)
+
+    def kv_deltas(self, arch: ArchAdapter, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rot(dK x), dV x)`` [B, kv_heads, T, head_dim] for the main path's attention input ``x``
+        [B, T, H]; added to the cached post-rotary K and V (rotation is linear)."""
+        kv_heads, head_dim = arch.kv_dims(self.index)
+        shape = (*x.shape[:-1], kv_heads, head_dim)
+        dk = self.k_delta(x).view(shape).transpose(1, 2)
+        dv = self.v_delta(x).view(shape).transpose(1, 2)
+        return arch.apply_rotary(self.index, dk, cos_sin), dv
 
     def modulation(self, c: torch.Tensor):
         """(dw1, shift1, gate1, dw2, shift2, gate2), each [B, Tq, H]; all zero at init (gates 1 when
@@ -259,7 +286,10 @@ class StreamContext:
     key_mask: [B, T] bool, the main path's attention mask.
     """
 
-    def __init__(self, keys, values, query_index, query_position, key_mask, dtype):
+    def __init__(self, keys, values, query_index, query_position, key_mask, dtype, kv_deltas=None):
+        if kv_deltas is not None:  # the path's own reading of the context: K + dK, V + dV
+            keys = [k + dk.to(k.dtype) for k, (dk, _) in zip(keys, kv_deltas)]
+            values = [v + dv.to(v.dtype) for v, (_, dv) in zip(values, kv_deltas)]
         self.keys, self.values = keys, values
         self.query_index = query_index
         self.query_position = query_position
@@ -299,13 +329,26 @@ class DiffusionPath(nn.Module):
         self.latent = LatentMap(hidden, config.latent_dim)
         self.conditioning = Conditioning(config)
         self.encoder = InputEncoder(config.latent_dim, config.encoder_hidden or hidden, hidden)
-        if config.merge_init == "ramp":  # the gate starts open, so the path's input starts at zero
+        if config.merge_init in ("ramp", "open"):  # the gate starts open, so the path's input starts at zero
             nn.init.zeros_(self.encoder.net[-1].weight)
             nn.init.zeros_(self.encoder.net[-1].bias)
         self.blocks = nn.ModuleList(DiffusionBlock(arch, i, config, self.switch) for i in range(arch.num_layers))
         self.merge = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, hidden))
         nn.init.zeros_(self.merge[1].weight)
         nn.init.zeros_(self.merge[1].bias)
+
+    def kv_deltas(self, arch: ArchAdapter, attn_inputs: list, position_ids: torch.Tensor) -> list | None:
+        """Per layer ``(dK, dV)`` at the positions of ``attn_inputs`` (``kv_rank > 0``), else None."""
+        if not self.config.kv_rank:
+            return None
+        rotary = {}
+        out = []
+        for i, (block, x) in enumerate(zip(self.blocks, attn_inputs)):
+            key = arch.rotary_key(i)
+            if key not in rotary:
+                rotary[key] = arch.rotary(i, x, position_ids)
+            out.append(block.kv_deltas(arch, x.float(), rotary[key]))
+        return out
 
     def remove_hooks(self):
         for block in self.blocks:
@@ -325,6 +368,8 @@ class DiffusionPath(nn.Module):
         gate = self.merge(c).float() - self.merge(c0).float()
         if self.config.merge_init == "ramp":  # g = t + m(c_t) - m(c_0): open from the first step
             gate = gate + t.float().clamp(0.0, 1.0).unsqueeze(-1)
+        elif self.config.merge_init == "open":  # g = 1[t > 0] + m(c_t) - m(c_0)
+            gate = gate + (t > 0).float().unsqueeze(-1)
         # Zero exactly at t=0 whatever the GEMM blocking did to equal rows: steps=0 is the base.
         at_zero = (t == 0).unsqueeze(-1)
         gate = torch.where(at_zero, torch.zeros_like(gate), gate)

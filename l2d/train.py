@@ -74,6 +74,10 @@ def build_model(recipe: Recipe, base):
         from .model import get_l2d_model
 
         model = get_l2d_model(base, recipe.l2d)
+        if recipe.train.head_lr_scale == 0:  # frozen heads: no gradients, no optimizer state for them
+            for name, p in model.named_parameters():
+                if any(k in name for k in HEAD_PARTS):
+                    p.requires_grad_(False)
         if recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model

@@ -62,7 +62,7 @@ def test_the_token_ode_converges_as_steps_grow():
 
     def solve(n):
         field = TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
-                           None, 1.0, None, None, None)
+                           None, 1.0, None, None, None, h_start=main.embeds[:, -1:])
         return integrate_fixed(field, x0, n, "euler")
 
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_wrap_forward_backward_save_load(family, tmp_path):
 
 
 @pytest.mark.parametrize("stream_init,merge_init", [("encoder", "zero"), ("main", "zero"), ("encoder", "ramp"),
-                                                     ("main", "ramp")])
+                                                     ("main", "ramp"), ("main", "open")])
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox", "granite", "olmo2"])
 def test_t0_equals_the_base_before_and_after_training(family, stream_init, merge_init):
     base = tiny_base(family)

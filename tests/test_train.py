@@ -126,9 +126,14 @@ def test_head_lr_scale_sets_the_conditioning_heads_rate(tmp_path, base_dir, data
     recipe = recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "run", max_steps=3, head_lr_scale=0.0))
     # open gates everywhere (the blocks' and the merge's), so the deltas learn with the heads frozen
     recipe.l2d.merge_init, recipe.l2d.stream_init = "ramp", "main"
+    model = train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and n.startswith("path.")}
+    assert frozen and all(any(k in n for k in train_mod.HEAD_PARTS) for n in frozen)  # scale 0: not trained at all
+    recipe.train.head_lr_scale = 0.1
     groups = train_mod.optimizer_groups(train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir)),
                                         recipe)
-    assert sorted({g["lr_scale"] for g in groups}) == [0.0, 1.0]
+    assert sorted({g["lr_scale"] for g in groups}) == [0.1, 1.0]
+    recipe.train.head_lr_scale = 0.0
     train(recipe)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     trained = L2DModel.from_pretrained(base, str(tmp_path / "run")).path.state_dict()
