@@ -5,7 +5,8 @@ same base, SmolLM2-135M-Instruct on the CPU, interleaved repeats, one process.
 
 A step = forward + backward + AdamW step, the loss being response-only cross-entropy (summed, as
 `l2d train` computes it). L2D is timed with and without its self-conditioning pass (the default
-config runs it with probability 0.5, so the expected step is their mean).
+config runs it with probability 0.5, so the expected step is their mean). A second L2D model has
+its conditioning heads frozen, as the SmolLM2 recipe trains it (`train.head_lr_scale: 0.0`).
 
 Memory: peak resident set size (RSS) above the pre-step RSS, sampled every 1 ms by a thread
 reading /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier steps is returned to
@@ -25,7 +26,7 @@ import torch
 
 from l2d import L2DConfig, get_l2d_model
 from l2d.pretrained import load_smollm2
-from l2d.train import batch_loss
+from l2d.train import HEAD_PARTS, batch_loss
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -80,7 +81,7 @@ def make_batch(kind: str, vocab: int, seed: int = 0) -> dict:
 
 
 def step(model, method, opt, batch, sc=None):
-    if method == "l2d":
+    if method.startswith("l2d"):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     class_labels=batch["class_labels"], reduction="sum", self_conditioning=sc)
         loss, n = out.loss, int(out.num_tokens)
@@ -104,14 +105,19 @@ def main():
     base_l2d, _ = load_smollm2()
     base_lora, _ = load_smollm2()  # peft edits modules in place: give it its own copy
     l2d = get_l2d_model(base_l2d, L2DConfig()).train()
+    # The SmolLM2 recipe's setting: conditioning heads frozen (train.head_lr_scale = 0).
+    frozen = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
+    for name, p in frozen.named_parameters():
+        if any(k in name for k in HEAD_PARTS):
+            p.requires_grad_(False)
     lora = get_peft_model(base_lora, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear",
                                                 task_type="CAUSAL_LM")).train()
-    models = {"l2d": l2d, "lora": lora}
+    models = {"l2d": l2d, "l2d_frozen": frozen, "lora": lora}
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
             for k, m in models.items()}
     counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
     vocab = base_l2d.get_input_embeddings().weight.shape[0]
-    variants = [("l2d", False), ("l2d", True), ("lora", None)]
+    variants = [("l2d", False), ("l2d", True), ("l2d_frozen", False), ("l2d_frozen", True), ("lora", None)]
 
     results = {}
     for kind in ("4x256", "32x~40"):
@@ -134,20 +140,22 @@ def main():
 
     print(f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads, {args.repeats} interleaved repeats "
           f"(median step time; peak RSS above the pre-step RSS, max over repeats)")
-    print(f"trainable parameters: L2D {counts['l2d']:,d}  |  LoRA r=32 all-linear {counts['lora']:,d}\n")
+    print(f"trainable parameters: L2D {counts['l2d']:,d}  |  L2D, heads frozen {counts['l2d_frozen']:,d}  |  "
+          f"LoRA r=32 all-linear {counts['lora']:,d}\n")
     header = "| batch | method | step time (s) | peak memory (MiB) | time vs LoRA | memory vs LoRA |"
     print(header)
     print("|---|---|---|---|---|---|")
     for kind, (times, mems) in results.items():
-        lora_t, lora_m = statistics.median(times[variants[2]]), max(mems[variants[2]])
-        rows = {"L2D, no self-cond pass": variants[0], "L2D, with self-cond pass": variants[1]}
-        t_exp = (statistics.median(times[variants[0]]) + statistics.median(times[variants[1]])) / 2
-        m_exp = max(max(mems[variants[0]]), max(mems[variants[1]]))
-        for name, v in rows.items():
-            t, m = statistics.median(times[v]), max(mems[v])
-            print(f"| {kind} | {name} | {t:.2f} | {m / 2**20:.0f} | {t / lora_t:.2f}x | {m / lora_m:.2f}x |")
-        print(f"| {kind} | L2D, expected (p=0.5) | {t_exp:.2f} | {m_exp / 2**20:.0f} | {t_exp / lora_t:.2f}x | "
-              f"{m_exp / lora_m:.2f}x |")
+        lora_t, lora_m = statistics.median(times[variants[-1]]), max(mems[variants[-1]])
+        for label, method in (("L2D", "l2d"), ("L2D, heads frozen", "l2d_frozen")):
+            no_sc, with_sc = (method, False), (method, True)
+            for name, v in ((f"{label}, no self-cond pass", no_sc), (f"{label}, with self-cond pass", with_sc)):
+                t, m = statistics.median(times[v]), max(mems[v])
+                print(f"| {kind} | {name} | {t:.2f} | {m / 2**20:.0f} | {t / lora_t:.2f}x | {m / lora_m:.2f}x |")
+            t_exp = (statistics.median(times[no_sc]) + statistics.median(times[with_sc])) / 2
+            m_exp = max(max(mems[no_sc]), max(mems[with_sc]))
+            print(f"| {kind} | {label}, expected (p=0.5) | {t_exp:.2f} | {m_exp / 2**20:.0f} | {t_exp / lora_t:.2f}x | "
+                  f"{m_exp / lora_m:.2f}x |")
         print(f"| {kind} | LoRA r=32 | {lora_t:.2f} | {lora_m / 2**20:.0f} | 1.00x | 1.00x |")
 
 

@@ -50,15 +50,16 @@ class L2DConfig:
             ``h_main + g * (h_f - h_main)``; the stream begins as the base computation at that
             position and learns a correction, as a LoRA does. ``encoder`` (the paper's): from the
             encoded latent alone, every block gated shut at init, merge ``h_main + g * h_f``.
-        merge_init: How the merge gate ``g(t)`` starts. ``ramp`` (default): ``g = t + m(c_t) - m(c_0)``,
-            open from the first step, with the input encoder's output layer zero-initialised
-            instead so that the path still equals the base at every ``t`` at initialisation.
-            ``open``: ``g = 1[t > 0] + m(c_t) - m(c_0)``, the path's full output at every ``t > 0``
-            (the base only at ``t = 0`` itself), the encoder zero-initialised as for ``ramp``.
+        merge_init: How the merge gate ``g(t)`` starts. ``open`` (default): ``g = 1[t > 0] + m(c_t) - m(c_0)``,
+            the path's full output at every ``t > 0`` (the base at ``t = 0`` itself), with the
+            input encoder's output layer zero-initialised instead so that the path still equals
+            the base at every ``t`` at initialisation and every delta gets a gradient from the
+            first step. ``ramp``: ``g = t + m(c_t) - m(c_0)``, the same but growing with ``t``
+            (a correction learned at small ``t`` must be ``1/t`` times larger).
             ``zero`` (the paper's): ``g = m(c_t) - m(c_0)`` with ``m`` zero-initialised, so nothing
             behind the gate gets a gradient until ``m`` has grown (with ``stream_init="encoder"``
-            the blocks' gates are shut too: two zeros in a row). Both are exactly zero at ``t = 0``.
-            The defaults ``main`` + ``ramp`` come from the ablations in benchmarks/README.md.
+            the blocks' gates are shut too: two zeros in a row). All three are exactly zero at ``t = 0``.
+            The defaults ``main`` + ``open`` come from the ablations in benchmarks/README.md.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -79,7 +80,7 @@ class L2DConfig:
     kv_rank: int = field(default=0, metadata={"help": "Rank of the key/value deltas (0: none)."})
     encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
     stream_init: str = field(default="main", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
-    merge_init: str = field(default="ramp", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
+    merge_init: str = field(default="open", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 

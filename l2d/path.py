@@ -7,7 +7,7 @@ For a query position ``i`` with noisy latent ``x_t`` of token ``y_{i+1}``:
     per layer l, with (dw1, shift1, gate1, dw2, shift2, gate2) = adaLN_l(c):
       h_f += gate1 * O'( Attn( Q'( Norm_{w1+dw1}(h_f) + shift1 ), K_main_l, V_main_l ) )
       h_f += gate2 * MLP'( Norm_{w2+dw2}(h_f) + shift2 )
-    h    = h_main_L + g(t) * h_f,   g(t) = m(c_t) - m(c_0)   (+ t with merge_init="ramp")
+    h    = h_main_L + g(t) * h_f,   g(t) = m(c_t) - m(c_0)  (+ 1[t > 0] for merge_init="open", + t for "ramp")
 
 ``Q'``, ``O'``, ``MLP'`` are the layer's frozen modules plus trainable deltas. The path has no
 keys/values of its own: query ``i`` attends to the main path's keys ``0..i`` only.

@@ -315,6 +315,10 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
         check_resume(state, recipe, fingerprint, ckpt)
         named = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
         if sharded_state:
+            if not (ckpt / "accelerate_state").is_dir():
+                raise TrainingError(f"{ckpt} has no finished accelerate_state (the sharded optimizer state): the "
+                                    "run stopped while writing it. Delete that checkpoint folder to resume from "
+                                    "the one before, or resume from a run saved without FSDP/DeepSpeed.")
             accelerator.load_state(str(ckpt / "accelerate_state"))
         else:
             if set(named) != set(weights):
@@ -342,9 +346,18 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
             weights = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
             opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
             path = save_checkpoint(out_dir, step, {} if sharded_state else weights, opt, state, t.keep_last)
-        if sharded_state:  # FSDP / DeepSpeed shard the optimizer: every process writes its part
+        if sharded_state:  # FSDP / DeepSpeed shard the optimizer: every process writes its part,
+            # into a temporary folder that the main process renames once all parts are written
             accelerator.wait_for_everyone()
-            accelerator.save_state(str(out_dir / "checkpoints" / f"step-{step:06d}" / "accelerate_state"))
+            final = out_dir / "checkpoints" / f"step-{step:06d}" / "accelerate_state"
+            tmp = final.with_name("accelerate_state.tmp")
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if main:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+            accelerator.wait_for_everyone()
         return path
 
     # --- loop ------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ def test_doc_states_what_the_numbers_show(tmp_path):
     flat = [_row("lora+l2d", 0, 0.6), _row("lora+l2d", 16, 0.55)]
     assert "rises with steps" in _verdict(rising, "l2d")
     assert "does NOT rise" in _verdict(flat, "lora+l2d")
+    # overlapping 95% intervals, yet a clear difference (the demo's own numbers: 2/80 against 11/80)
+    overlapping = [_row("l2d", 0, 2 / 80, n=80), _row("l2d", 16, 11 / 80, n=80)]
+    assert overlapping[1]["low"] < overlapping[0]["high"]
+    assert "rises with steps (two-sided two-proportion z-test p = 0.00" in _verdict(overlapping, "l2d")
+    noise = [_row("l2d", 0, 10 / 80, n=80), _row("l2d", 16, 12 / 80, n=80)]
+    assert "not clearly" in _verdict(noise, "l2d")
     rows = [_row("base", 0, 0.05), _row("lora", 0, 0.9)] + rising + flat
     (tmp_path / "results.json").write_text(json.dumps({
         "rows": rows, "machine": "test", "wall_time_s": 60, "generator_kwargs": {}, "system_prompt": "s",

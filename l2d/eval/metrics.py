@@ -104,17 +104,27 @@ def plot_steps(results: Mapping[str, Sequence[Mapping]], path: str, title: str |
     fig, ax_acc = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax_nfe = ax_acc.twinx()
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_steps = [p["steps"] for points in results.values() for p in points]
+    span = (min(all_steps), max(all_steps)) if all_steps else (0, 1)
+    nfe_drawn = set()
     for i, (method, points) in enumerate(results.items()):
         points = sorted(points, key=lambda p: p["steps"])
         colour = colours[i % len(colours)]
+        if len(points) == 1 and span[1] > span[0]:  # a model without steps (base, LoRA): a level line
+            p = points[0]
+            ax_acc.axhline(100 * p["accuracy"], color=colour, linestyle=":", label=f"{method} accuracy")
+            if "low" in p and "high" in p:
+                ax_acc.axhspan(100 * p["low"], 100 * p["high"], color=colour, alpha=0.08)
+            continue
         steps = [p["steps"] for p in points]
         acc = [100 * p["accuracy"] for p in points]
         lower = [100 * (p["accuracy"] - p.get("low", p["accuracy"])) for p in points]
         upper = [100 * (p.get("high", p["accuracy"]) - p["accuracy"]) for p in points]
         ax_acc.errorbar(steps, acc, yerr=[lower, upper], color=colour, marker="o", capsize=3,
                         label=f"{method} accuracy")
-        nfe = [(p["steps"], p["nfe_per_token"]) for p in points if p.get("nfe_per_token") is not None]
-        if nfe:
+        nfe = tuple((p["steps"], p["nfe_per_token"]) for p in points if p.get("nfe_per_token") is not None)
+        if nfe and nfe not in nfe_drawn:  # methods with the same solver share one NFE curve
+            nfe_drawn.add(nfe)
             ax_nfe.plot(*zip(*nfe), color=colour, linestyle="--", marker="x", alpha=0.7,
                         label=f"{method} NFE/token")
     ax_acc.set_xlabel("steps")
