@@ -50,6 +50,8 @@ SETTINGS = {
     "main-ramp-head0-kv32": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
                              "l2d.kv_rank=32"],
     "main-open-head0": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0"],
+    "main-open-head0-nosc": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                             "l2d.self_conditioning=0.0"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
 }

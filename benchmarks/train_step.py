@@ -1,7 +1,7 @@
 """Training step of L2D (default L2DConfig) against a peft LoRA (rank 32, all linear layers) of the
 same base, SmolLM2-135M-Instruct on the CPU, interleaved repeats, one process.
 
-    python benchmarks/train_step.py [--repeats 3] [--threads 2]
+    python benchmarks/train_step.py [--repeats 3] [--threads 2] [--batches 32x~40] [--checkpointing]
 
 A step = forward + backward + AdamW step, the loss being response-only cross-entropy (summed, as
 `l2d train` computes it). L2D is timed with and without its self-conditioning pass (the default
@@ -96,6 +96,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="4x256,32x~40", help="comma-separated batch kinds: 4x256 and/or 32x~40")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="add L2D (frozen heads) with gradient checkpointing of the blocks as a third model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -113,14 +116,24 @@ def main():
     lora = get_peft_model(base_lora, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear",
                                                 task_type="CAUSAL_LM")).train()
     models = {"l2d": l2d, "l2d_frozen": frozen, "lora": lora}
+    if args.checkpointing:
+        ckpt = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
+        for name, p in ckpt.named_parameters():
+            if any(k in name for k in HEAD_PARTS):
+                p.requires_grad_(False)
+        ckpt.gradient_checkpointing_enable()
+        models["l2d_ckpt"] = ckpt
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
             for k, m in models.items()}
     counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
     vocab = base_l2d.get_input_embeddings().weight.shape[0]
-    variants = [("l2d", False), ("l2d", True), ("l2d_frozen", False), ("l2d_frozen", True), ("lora", None)]
+    variants = [("l2d", False), ("l2d", True), ("l2d_frozen", False), ("l2d_frozen", True)]
+    if args.checkpointing:
+        variants += [("l2d_ckpt", False), ("l2d_ckpt", True)]
+    variants.append(("lora", None))
 
     results = {}
-    for kind in ("4x256", "32x~40"):
+    for kind in args.batches.split(","):
         batch = make_batch(kind, vocab)
         for method, sc in variants:  # warm-up (also creates the optimizer state)
             step(models[method], method, opts[method], batch, sc)
@@ -147,7 +160,10 @@ def main():
     print("|---|---|---|---|---|---|")
     for kind, (times, mems) in results.items():
         lora_t, lora_m = statistics.median(times[variants[-1]]), max(mems[variants[-1]])
-        for label, method in (("L2D", "l2d"), ("L2D, heads frozen", "l2d_frozen")):
+        labels = [("L2D", "l2d"), ("L2D, heads frozen", "l2d_frozen")]
+        if args.checkpointing:
+            labels.append(("L2D, heads frozen, checkpointed", "l2d_ckpt"))
+        for label, method in labels:
             no_sc, with_sc = (method, False), (method, True)
             for name, v in ((f"{label}, no self-cond pass", no_sc), (f"{label}, with self-cond pass", with_sc)):
                 t, m = statistics.median(times[v]), max(mems[v])

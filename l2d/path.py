@@ -118,19 +118,6 @@ class MLPDeltas(nn.Module):
             return None
         return hook
 
-    def kv_deltas(self, arch: ArchAdapter, attn_inputs: list, position_ids: torch.Tensor) -> list | None:
-        """Per layer ``(dK, dV)`` at the positions of ``attn_inputs`` (``kv_rank > 0``), else None."""
-        if not self.config.kv_rank:
-            return None
-        rotary = {}
-        out = []
-        for i, (block, x) in enumerate(zip(self.blocks, attn_inputs)):
-            key = arch.rotary_key(i)
-            if key not in rotary:
-                rotary[key] = arch.rotary(i, x, position_ids)
-            out.append(block.kv_deltas(arch, x.float(), rotary[key]))
-        return out
-
     def remove_hooks(self):
         for h in getattr(self, "_handles", []):
             h.remove()

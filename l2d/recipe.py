@@ -92,7 +92,7 @@ class TrainSection:
         "l2d only: learning-rate multiplier of the path's conditioning heads (per-block adaLN heads, merge "
         "head, time MLP, class embedding); the low-rank deltas, latent map and encoder train at lr. 0 freezes "
         "the heads (no gradients, no optimizer state): the path then sees t only through x_t / s(t) and "
-        "the merge gate's ramp (l2d.merge_init=ramp)."))
+        "the merge gate (use l2d.merge_init open or ramp), and class labels have no effect."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("AdamW betas."))
     eps: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW decoupled weight decay."))

@@ -103,9 +103,11 @@ def optimizer_groups(model, recipe: Recipe) -> list[dict]:
     """AdamW groups: no weight decay on vectors; for l2d, the conditioning heads at ``head_lr_scale``.
 
     The heads (per-block adaLN, merge, time MLP, class embedding) see only ``t`` and the class.
-    AdamW moves every weight by about ``lr`` per step, so a head's output moves by about
-    ``lr * cond_dim`` while a low-rank delta's moves by about ``lr * rank``-ish: a smaller rate
-    for the heads keeps them from outrunning the deltas that read the context.
+    AdamW moves every weight by about ``lr`` per step whatever the gradient's size, so a head's
+    output (fan-in ``cond_dim``, inputs of order one) can move by about ``lr * cond_dim`` per
+    step, for every token alike: the heads learn a bias towards frequent answers long before the
+    deltas learn to read the context (benchmarks/README.md, "Sample efficiency"). A smaller rate,
+    or 0 (frozen, see ``build_model``), keeps them from doing so.
     """
     t = recipe.train
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
