@@ -26,7 +26,7 @@ import torch
 
 from l2d import L2DConfig, get_l2d_model
 from l2d.pretrained import load_smollm2
-from l2d.train import HEAD_PARTS, batch_loss
+from l2d.train import batch_loss, freeze_heads
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -110,17 +110,13 @@ def main():
     l2d = get_l2d_model(base_l2d, L2DConfig()).train()
     # The SmolLM2 recipe's setting: conditioning heads frozen (train.head_lr_scale = 0).
     frozen = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
-    for name, p in frozen.named_parameters():
-        if any(k in name for k in HEAD_PARTS):
-            p.requires_grad_(False)
+    freeze_heads(frozen)
     lora = get_peft_model(base_lora, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear",
                                                 task_type="CAUSAL_LM")).train()
     models = {"l2d": l2d, "l2d_frozen": frozen, "lora": lora}
     if args.checkpointing:
         ckpt = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
-        for name, p in ckpt.named_parameters():
-            if any(k in name for k in HEAD_PARTS):
-                p.requires_grad_(False)
+        freeze_heads(ckpt)
         ckpt.gradient_checkpointing_enable()
         models["l2d_ckpt"] = ckpt
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))

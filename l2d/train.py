@@ -75,9 +75,7 @@ def build_model(recipe: Recipe, base):
 
         model = get_l2d_model(base, recipe.l2d)
         if recipe.train.head_lr_scale == 0:  # frozen heads: no gradients, no optimizer state for them
-            for name, p in model.named_parameters():
-                if any(k in name for k in HEAD_PARTS):
-                    p.requires_grad_(False)
+            freeze_heads(model)
         if recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
@@ -97,6 +95,13 @@ def build_model(recipe: Recipe, base):
 
 
 HEAD_PARTS = (".adaln.", "path.merge.", "path.conditioning.")
+
+
+def freeze_heads(model) -> None:
+    """Stop training the path's conditioning heads (``train.head_lr_scale = 0``)."""
+    for name, p in model.named_parameters():
+        if any(k in name for k in HEAD_PARTS):
+            p.requires_grad_(False)
 
 
 def optimizer_groups(model, recipe: Recipe) -> list[dict]:
