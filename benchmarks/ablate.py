@@ -5,8 +5,9 @@ same data, seed and step budget) with some overrides, then scores it on validati
 seed of their own, no question shared with training) at several step counts. Held-out numbers
 come once, from the demo, with the defaults chosen here.
 
-    python benchmarks/ablate.py --steps 100 --n 128 paper main main-sigma8
-    python benchmarks/ablate.py --list
+    python benchmarks/ablate.py --steps 100 --n 128 --eval-steps 0,1,2,4,16 paper main-open-head0 lora
+    python benchmarks/ablate.py --list       # every setting and its overrides
+    python benchmarks/ablate.py --table      # results.jsonl as a markdown table
 """
 from __future__ import annotations
 
