@@ -344,7 +344,8 @@ class DiffusionPath(nn.Module):
     def time_conditioning(self, t: torch.Tensor, class_labels: torch.Tensor,
                           modulations: bool = False) -> "TimeConditioning":
         """Everything that depends on ``t`` and the class alone (not on the latent): ``c``, ``s(t)``,
-        the merge gate ``m(c_t) - m(c_0)`` and, if asked, every block's adaLN modulation.
+        the merge gate ``m(c_t) - m(c_0)`` (plus ``1[t > 0]`` or ``t`` for ``merge_init`` open or
+        ramp) and, if asked, every block's adaLN modulation.
 
         A fixed-grid sampler visits the same times for every token, so generation builds these once
         per grid time; training builds them per forward (modulations inside each block, so gradient
@@ -394,7 +395,7 @@ class DiffusionPath(nn.Module):
 
     def merged(self, h_main, h_f, gate):
         """``h_main + g * h_f`` (``g * (h_f - h_main)`` when the stream starts from the main path),
-        with ``g = m(c_t) - m(c_0)``: exactly ``h_main`` at ``t = 0``."""
+        ``g`` being :meth:`time_conditioning`'s gate: exactly ``h_main`` at ``t = 0``."""
         if self.config.stream_init == "main":
             h_f = h_f - h_main.float()
         return (h_main.float() + gate * h_f).to(h_main.dtype)
