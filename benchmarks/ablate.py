@@ -53,10 +53,20 @@ SETTINGS = {
     "main-open-head0": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0"],
     "main-open-head0-nosc": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
                              "l2d.self_conditioning=0.0"],
+    "main-open-head0-kv32": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                             "l2d.kv_rank=32"],
+    "main-open-head0-sigma8": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                               "l2d.sigma=8.0"],
+    "main-open-head0-enc0": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                             "train.encoder_lr_scale=0.0"],
+    "main-open-head0-enc5": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                             "train.encoder_lr_scale=5.0"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
+    # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values
+    "lora-qo-mlp": ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"],
 }
-SETTINGS = {name: (overrides if name == "lora" else PAPER + overrides) for name, overrides in SETTINGS.items()}
+SETTINGS = {name: (overrides if name.startswith("lora") else PAPER + overrides) for name, overrides in SETTINGS.items()}
 
 
 LOSS_TIMES = (0.0, 0.5, 0.9, 0.98, 1.0)
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
             summary = train(load_recipe(args.recipe, overrides), overwrite=True)
         seconds = None if args.eval_only else round(time.perf_counter() - t0)
         model, tok, _ = load_for_eval(str(run_dir))
-        lora = "method=lora" in SETTINGS[name]
+        lora = name.startswith("lora")
         rows = evaluate(model, tok, val_task, [0] if lora else steps_list, solver=args.solver, method=name,
                         batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat")
         acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}

@@ -93,6 +93,10 @@ class TrainSection:
         "head, time MLP, class embedding); the low-rank deltas, latent map and encoder train at lr. 0 freezes "
         "the heads (no gradients, no optimizer state): the path then sees t only through x_t / s(t) and "
         "the merge gate (use l2d.merge_init open or ramp), and class labels have no effect."))
+    encoder_lr_scale: float = field(default=1.0, metadata=_help(
+        "l2d only: learning-rate multiplier of the parts that read the noisy latent: the input encoder and "
+        "the latent map. 0 freezes them; with l2d.merge_init open or ramp (encoder output zero at init) the "
+        "path then never reads x_t and is a plain adapter of the last position (an ablation, not a method)."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("AdamW betas."))
     eps: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW decoupled weight decay."))
@@ -226,6 +230,7 @@ def _check(recipe: Recipe) -> Recipe:
         (t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", "must lie in [0, train.lr] (and lr > 0)"),
         (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (t.head_lr_scale >= 0, "train.head_lr_scale", "must be >= 0 (0 freezes the conditioning heads)"),
+        (t.encoder_lr_scale >= 0, "train.encoder_lr_scale", "must be >= 0 (0 freezes the encoder and latent map)"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),
         (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),

@@ -74,8 +74,8 @@ def build_model(recipe: Recipe, base):
         from .model import get_l2d_model
 
         model = get_l2d_model(base, recipe.l2d)
-        if recipe.train.head_lr_scale == 0:  # frozen heads: no gradients, no optimizer state for them
-            freeze_heads(model)
+        # a part at lr scale 0 is frozen: no gradients, no optimizer state for it
+        freeze_parts(model, [part for part, scale in lr_scales(recipe).items() if scale == 0])
         if recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
@@ -94,18 +94,43 @@ def build_model(recipe: Recipe, base):
     return model.train()
 
 
-HEAD_PARTS = (".adaln.", "path.merge.", "path.conditioning.")
+# Groups of path parameters that train at their own rate (names as in L2DModel.named_parameters).
+PARTS = {
+    "heads": (".adaln.", "path.merge.", "path.conditioning."),  # see only t and the class
+    "encoder": ("path.encoder.", "path.latent."),                # read the noisy latent x_t and z_hat
+}
+
+
+def part_of(name: str) -> str:
+    """``heads``, ``encoder`` or ``deltas`` (everything else: low-rank or full deltas, k/v deltas)."""
+    for part, keys in PARTS.items():
+        if any(k in name for k in keys):
+            return part
+    return "deltas"
+
+
+def lr_scales(recipe: Recipe) -> dict:
+    """Learning-rate multiplier per part (all 1 for the baselines)."""
+    t = recipe.train
+    if recipe.method != "l2d":
+        return {"deltas": 1.0}
+    return {"heads": t.head_lr_scale, "encoder": t.encoder_lr_scale, "deltas": 1.0}
+
+
+def freeze_parts(model, parts) -> None:
+    """Stop training the named parts (a part whose lr scale is 0)."""
+    for name, p in model.named_parameters():
+        if part_of(name) in parts:
+            p.requires_grad_(False)
 
 
 def freeze_heads(model) -> None:
     """Stop training the path's conditioning heads (``train.head_lr_scale = 0``)."""
-    for name, p in model.named_parameters():
-        if any(k in name for k in HEAD_PARTS):
-            p.requires_grad_(False)
+    freeze_parts(model, ["heads"])
 
 
 def optimizer_groups(model, recipe: Recipe) -> list[dict]:
-    """AdamW groups: no weight decay on vectors; for l2d, the conditioning heads at ``head_lr_scale``.
+    """AdamW groups: no weight decay on vectors; for l2d, each part at its own rate (:func:`lr_scales`).
 
     The heads (per-block adaLN, merge, time MLP, class embedding) see only ``t`` and the class.
     AdamW moves every weight by about ``lr`` per step whatever the gradient's size, so a head's
@@ -116,11 +141,11 @@ def optimizer_groups(model, recipe: Recipe) -> list[dict]:
     """
     t = recipe.train
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scales = lr_scales(recipe)
     groups = []
-    for is_head in (False, True):
-        scale = t.head_lr_scale if is_head else 1.0
+    for part, scale in scales.items():
         for decay in (True, False):
-            ps = [p for n, p in named if (recipe.method == "l2d" and any(k in n for k in HEAD_PARTS)) == is_head
+            ps = [p for n, p in named if (part_of(n) if recipe.method == "l2d" else "deltas") == part
                   and (p.dim() >= 2) == decay]
             if ps:
                 groups.append({"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr_scale": scale})

@@ -128,7 +128,7 @@ def test_head_lr_scale_sets_the_conditioning_heads_rate(tmp_path, base_dir, data
     recipe.l2d.merge_init, recipe.l2d.stream_init = "ramp", "main"
     model = train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir))
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad and n.startswith("path.")}
-    assert frozen and all(any(k in n for k in train_mod.HEAD_PARTS) for n in frozen)  # scale 0: not trained at all
+    assert frozen and all(train_mod.part_of(n) == "heads" for n in frozen)  # scale 0: not trained at all
     recipe.train.head_lr_scale = 0.1
     groups = train_mod.optimizer_groups(train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir)),
                                         recipe)
@@ -138,10 +138,33 @@ def test_head_lr_scale_sets_the_conditioning_heads_rate(tmp_path, base_dir, data
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     trained = L2DModel.from_pretrained(base, str(tmp_path / "run")).path.state_dict()
     fresh = L2DModel(AutoModelForCausalLM.from_pretrained(base_dir), recipe.l2d).path.state_dict()
-    heads = [n for n in trained if any(k in "path." + n for k in train_mod.HEAD_PARTS)]
+    heads = [n for n in trained if train_mod.part_of("path." + n) == "heads"]
     assert heads and all(torch.equal(trained[n], fresh[n]) for n in heads if "adaln" in n or "merge" in n)
     assert not torch.equal(trained["blocks.0.q_delta.B"], fresh["blocks.0.q_delta.B"])
     assert not torch.equal(trained["encoder.net.2.weight"], fresh["encoder.net.2.weight"])
+
+
+def test_encoder_lr_scale_sets_the_encoder_and_latent_map_rate(tmp_path, base_dir, data_file):
+    """encoder_lr_scale scales (or, at 0, freezes) exactly the input encoder and the latent map."""
+    recipe = recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "run", max_steps=2, head_lr_scale=0.0))
+    recipe.l2d.merge_init, recipe.l2d.stream_init = "open", "main"
+    recipe.train.encoder_lr_scale = 3.0
+    model = train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir))
+    by_scale = {}
+    for group in train_mod.optimizer_groups(model, recipe):
+        by_scale.setdefault(group["lr_scale"], set()).update(id(p) for p in group["params"])
+    encoder = {id(p) for n, p in model.named_parameters() if n.startswith(("path.encoder.", "path.latent."))}
+    assert encoder and by_scale[3.0] == encoder
+    recipe.train.encoder_lr_scale = 0.0
+    model = train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if train_mod.part_of(n) == "encoder")
+    train(recipe)
+    after = L2DModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "run")).path
+    # the encoder's output layer starts at zero (merge_init open) and stays there: the path never read x_t
+    assert not after.encoder.net[2].weight.any() and not after.encoder.net[2].bias.any()
+    assert after.blocks[0].q_delta.B.any()  # while the deltas trained
+    with pytest.raises(RecipeError, match="encoder_lr_scale"):
+        recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "bad", encoder_lr_scale=-1.0))
 
 
 def test_interrupted_then_resumed_run_repeats_the_loss_curve(tmp_path, base_dir, data_file):
