@@ -61,6 +61,8 @@ SETTINGS = {
                              "train.encoder_lr_scale=0.0"],
     "main-open-head0-enc5": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
                              "train.encoder_lr_scale=5.0"],
+    "main-open-head0-denoised": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                                 "l2d.encoder_input=denoised"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values

@@ -12,6 +12,7 @@ SCHEDULES = ("cosmap", "uniform", "logit_normal")
 PATH_VARIANTS = ("lora", "full")
 STREAM_INITS = ("encoder", "main")
 MERGE_INITS = ("zero", "ramp", "open")
+ENCODER_INPUTS = ("scaled", "denoised")
 DEFAULT_CLASSES = ("math", "code", "general", "other")
 
 
@@ -60,6 +61,12 @@ class L2DConfig:
             behind the gate gets a gradient until ``m`` has grown (with ``stream_init="encoder"``
             the blocks' gates are shut too: two zeros in a row). All three are exactly zero at ``t = 0``.
             The defaults ``main`` + ``open`` come from the ablations in benchmarks/README.md.
+        encoder_input: What the input encoder reads of ``x_t`` (besides ``z_hat``). ``scaled`` (the
+            paper's): ``x_t / s(t)``, unit variance at every ``t`` whatever it carries, so at the many
+            ``t`` where ``x_t`` is nearly all noise the encoder passes that noise into the stream with
+            the same gain it learned for the readable ``t`` near 1. ``denoised``: ``t x_t / s(t)^2``,
+            the linear least-squares estimate of ``z`` from ``x_t`` (for unit-variance latent
+            coordinates), whose size follows the signal-to-noise ratio: 0 at ``t = 0``, ``z`` at ``t = 1``.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -81,6 +88,7 @@ class L2DConfig:
     encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
     stream_init: str = field(default="main", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
     merge_init: str = field(default="open", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
+    encoder_input: str = field(default="scaled", metadata={"help": f"Encoder's view of x_t: {ENCODER_INPUTS}."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 
@@ -108,6 +116,8 @@ class L2DConfig:
              f"stream_init must be one of {STREAM_INITS}, got {self.stream_init!r}"),
             (self.merge_init in MERGE_INITS,
              f"merge_init must be one of {MERGE_INITS}, got {self.merge_init!r}"),
+            (self.encoder_input in ENCODER_INPUTS,
+             f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}"),
             (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
         ]
         for ok, message in checks:

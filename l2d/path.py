@@ -3,7 +3,7 @@
 For a query position ``i`` with noisy latent ``x_t`` of token ``y_{i+1}``:
 
     c    = MLP(sinusoidal(t)) + class_embedding(label)
-    h_f  = Encoder([x_t / s(t), z_hat])
+    h_f  = Encoder([x_t / s(t), z_hat])          (t x_t / s(t)^2 for encoder_input="denoised")
     per layer l, with (dw1, shift1, gate1, dw2, shift2, gate2) = adaLN_l(c):
       h_f += gate1 * O'( Attn( Q'( Norm_{w1+dw1}(h_f) + shift1 ), K_main_l, V_main_l ) )
       h_f += gate2 * MLP'( Norm_{w2+dw2}(h_f) + shift2 )
@@ -160,7 +160,8 @@ class Conditioning(nn.Module):
 
 
 class InputEncoder(nn.Module):
-    """``[x_t / s(t), z_hat] -> MLP -> R^H``: the initial diffusion residual (not added to embeddings)."""
+    """``[x_t / s(t), z_hat] -> MLP -> R^H`` (or ``t x_t / s(t)^2``, ``config.encoder_input``): the
+    initial diffusion residual (added to the token embedding when the stream starts from the main path)."""
 
     def __init__(self, latent_dim: int, hidden: int, out: int):
         super().__init__()
@@ -362,8 +363,10 @@ class DiffusionPath(nn.Module):
         at_zero = (t == 0).unsqueeze(-1)
         gate = torch.where(at_zero, torch.zeros_like(gate), gate)
         s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
+        # the encoder reads x_t / s(t), or t x_t / s(t)^2 = E[z | x_t] (linear, unit-variance z)
+        x_scale = 1 / s if self.config.encoder_input == "scaled" else t.float().unsqueeze(-1) / s**2
         mods = [block.modulation(c) for block in self.blocks] if modulations else None
-        return TimeConditioning(c, gate, s, mods, bool(at_zero.all()))
+        return TimeConditioning(c, gate, x_scale, mods, bool(at_zero.all()))
 
     def forward(self, arch: ArchAdapter, ctx: StreamContext, h_main: torch.Tensor, x_t: torch.Tensor,
                 t: torch.Tensor | None, z_hat: torch.Tensor, class_labels: torch.Tensor | None,
@@ -380,7 +383,7 @@ class DiffusionPath(nn.Module):
             cond = self.time_conditioning(t, class_labels)
         if cond.zero:  # t = 0 everywhere: the merge gate is exactly zero, the result is the base
             return h_main
-        h = self.encoder(x_t.float() / cond.s, z_hat.float()).float()
+        h = self.encoder(x_t.float() * cond.x_scale, z_hat.float()).float()
         if self.config.stream_init == "main":
             if h_start is None:
                 raise ValueError("stream_init='main' needs h_start, the main path's input to layer 0.")
@@ -407,6 +410,6 @@ class TimeConditioning:
 
     c: torch.Tensor                  # [B, Tq, cond_dim]
     gate: torch.Tensor               # [B, Tq, H] merge gate, zero where t == 0
-    s: torch.Tensor                  # [B, Tq, 1] marginal std of x_t
+    x_scale: torch.Tensor            # [B, Tq, 1] what x_t is multiplied by for the encoder
     modulations: list | None         # per block (dw1, shift1, gate1, dw2, shift2, gate2), or None
     zero: bool                       # t == 0 everywhere
