@@ -12,6 +12,7 @@ come once, from the demo, with the defaults chosen here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -63,10 +64,16 @@ SETTINGS = {
                              "train.encoder_lr_scale=5.0"],
     "main-open-head0-denoised": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
                                  "l2d.encoder_input=denoised"],
+    "main-open-head0-enc0-lr3e-3": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                                    "train.encoder_lr_scale=0.0", "train.lr=3e-3"],
+    "main-open-head0-lr3e-3-enc0.33": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
+                                       "train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values
     "lora-qo-mlp": ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"],
+    # the same LoRA acting only where the path does (benchmarks/answer_only_lora.py): context frozen
+    "lora-qo-mlp-answer-only": ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"],
 }
 SETTINGS = {name: (overrides if name.startswith("lora") else PAPER + overrides) for name, overrides in SETTINGS.items()}
 
@@ -169,6 +176,8 @@ def main(argv=None) -> int:
     from l2d.recipe import load_recipe
     from l2d.train import train
 
+    from answer_only_lora import PositionGate, answer_only_training
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps_list = [int(s) for s in args.eval_steps.split(",")]
@@ -182,18 +191,23 @@ def main(argv=None) -> int:
         overrides = SETTINGS[name] + [f"train.output_dir={run_dir}", f"train.max_steps={args.steps}",
                                       "train.save_every=0", "train.keep_last=1",
                                       f"data.system_prompt={SYSTEM_PROMPT}"]  # as the demo trains and scores
+        answer_only = name.endswith("answer-only")
         t0 = time.perf_counter()
         if args.eval_only:
             summary = {"loss": None}
         else:
-            summary = train(load_recipe(args.recipe, overrides), overwrite=True)
+            with answer_only_training() if answer_only else contextlib.nullcontext():
+                summary = train(load_recipe(args.recipe, overrides), overwrite=True)
         seconds = None if args.eval_only else round(time.perf_counter() - t0)
         model, tok, _ = load_for_eval(str(run_dir))
+        if answer_only:
+            PositionGate().attach(model)
         lora = name.startswith("lora")
         rows = evaluate(model, tok, val_task, [0] if lora else steps_list, solver=args.solver, method=name,
                         batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat")
         acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}
-        val_loss = loss_by_t(model, tok, val_task, times=(1.0,) if lora else LOSS_TIMES)
+        # (the answer-only LoRA's gate needs labels for a teacher-forced loss: none reported)
+        val_loss = loss_by_t(model, tok, val_task, times=() if answer_only else (1.0,) if lora else LOSS_TIMES)
         record = {"setting": name, "overrides": SETTINGS[name], "train_steps": args.steps,
                   "final_loss": summary.get("loss"), "train_s": seconds, "val_accuracy": acc,
                   "val_loss_by_t": val_loss,
