@@ -68,6 +68,12 @@ SETTINGS = {
                                     "train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
                                        "train.lr=3e-3", "train.encoder_lr_scale=0.33"],
+    # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);
+    # its steps=0 row is that LoRA model itself
+    "onlora-main-open-head0": ["model.name_or_path=runs/demo/lora-merged", "l2d.stream_init=main",
+                               "l2d.merge_init=open", "train.head_lr_scale=0.0"],
+    "onlora-main-open-head0-lr3e-4": ["model.name_or_path=runs/demo/lora-merged", "l2d.stream_init=main",
+                                      "l2d.merge_init=open", "train.head_lr_scale=0.0", "train.lr=3e-4"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values

@@ -90,7 +90,7 @@ class TrainSection:
     schedule: str = field(default="cosine", metadata=_help("Decay after warmup: cosine, linear or constant."))
     head_lr_scale: float = field(default=1.0, metadata=_help(
         "l2d only: learning-rate multiplier of the path's conditioning heads (per-block adaLN heads, merge "
-        "head, time MLP, class embedding); the low-rank deltas, latent map and encoder train at lr. 0 freezes "
+        "head, time MLP, class embedding); the deltas train at lr, the encoder at encoder_lr_scale x lr. 0 freezes "
         "the heads (no gradients, no optimizer state): the path then sees t only through x_t / s(t) and "
         "the merge gate (use l2d.merge_init open or ramp), and class labels have no effect."))
     encoder_lr_scale: float = field(default=1.0, metadata=_help(
