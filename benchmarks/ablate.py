@@ -8,6 +8,7 @@ come once, from the demo, with the defaults chosen here.
     python benchmarks/ablate.py --steps 100 --n 128 --eval-steps 0,1,2,4,16 paper main-open-head0 lora
     python benchmarks/ablate.py --list       # every setting and its overrides
     python benchmarks/ablate.py --table      # results.jsonl as a markdown table
+    python benchmarks/ablate.py --n 512 --curve benchmarks/sample_efficiency.png   # accuracy vs time
 """
 from __future__ import annotations
 
@@ -148,6 +149,63 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def curve_points(outs: list[Path], n: int, demo: Path) -> dict:
+    """Validation accuracy (``n`` problems) against training seconds, per method.
+
+    Seconds and steps come from each folder's results.jsonl (the training runs); accuracies from
+    any record scored on ``n`` problems (results.jsonl or rescored.jsonl). The LoRA that the
+    ``onlora-*`` settings stack on is the demo's (its seconds from ``demo``/results.json); it is
+    their steps=0 row, and the stacked runs are placed at its seconds plus their own.
+    """
+    demo_lora_s = json.loads((demo / "results.json").read_text())["training"]["lora"]["seconds"]
+    series = {"LoRA": [], "L2D (16 steps)": [], "L2D on the 80-step LoRA (16 steps)": []}
+    for out in outs:
+        if not (out / "results.jsonl").exists():
+            continue
+        trained = {}
+        for line in (out / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            trained[r["setting"]] = (r["train_steps"], r["train_s"])
+        for name in ("results.jsonl", "rescored.jsonl"):
+            if not (out / name).exists():
+                continue
+            for line in (out / name).read_text().splitlines():
+                r = json.loads(line)
+                if r["n"] != n or r["setting"] not in trained:
+                    continue
+                steps, seconds = trained[r["setting"]]
+                acc = r["val_accuracy"]
+                if r["setting"] == "lora":
+                    series["LoRA"].append((seconds, acc["0"], steps))
+                elif r["setting"] == "main-open-head0":
+                    series["L2D (16 steps)"].append((seconds, acc["16"], steps))
+                elif r["setting"] == "onlora-main-open-head0":
+                    series["LoRA"].append((demo_lora_s, acc["0"], 80))
+                    series["L2D on the 80-step LoRA (16 steps)"].append((demo_lora_s + seconds, acc["16"], 80 + steps))
+    return {k: sorted(set(v)) for k, v in series.items() if v}
+
+
+def plot_curve(series: dict, path: Path, n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (label, points), marker in zip(series.items(), "osD"):
+        xs, ys, steps = zip(*points)
+        ax.plot(xs, ys, marker=marker, label=label)
+        for x, y, k in points:
+            ax.annotate(f"{k}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("training seconds (2-core CPU; labels: optimizer steps of 32)")
+    ax.set_ylabel(f"validation accuracy % (n = {n})")
+    ax.set_title("SmolLM2-135M, 2-term arithmetic: accuracy against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="*", help=f"settings to run, from {sorted(SETTINGS)}")
@@ -162,7 +220,19 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-only", action="store_true",
                         help="score adapters already trained under --out instead of training them again")
     parser.add_argument("--recipe", default="recipes/smollm2-135m/arithmetic.yaml", help="base recipe")
+    parser.add_argument("--curve", metavar="PNG",
+                        help="plot validation accuracy against training seconds for LoRA, L2D and L2D on LoRA "
+                             "from the folders in --curve-outs (records scored on --n problems), then exit")
+    parser.add_argument("--curve-outs", default="runs/ablate,runs/ablate200,runs/ablate400,runs/ablate180",
+                        help="comma-separated output folders for --curve")
+    parser.add_argument("--demo", default="runs/demo", help="the demo's folder (the LoRA the onlora-* runs stack on)")
     args = parser.parse_args(argv)
+    if args.curve:
+        series = curve_points([Path(p) for p in args.curve_outs.split(",")], args.n, Path(args.demo))
+        for label, points in series.items():
+            print(label + ": " + ", ".join(f"{k} steps {x:.0f} s {y}%" for x, y, k in points))
+        plot_curve(series, Path(args.curve), args.n)
+        return 0
     if args.list:
         for name, overrides in SETTINGS.items():
             print(f"{name:14s} {' '.join(overrides) or '(recipe as is)'}")
