@@ -61,8 +61,6 @@ SETTINGS = {
                                "l2d.sigma=8.0"],
     "main-open-head0-enc0": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
                              "train.encoder_lr_scale=0.0"],
-    "main-open-head0-enc5": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                             "train.encoder_lr_scale=5.0"],
     "main-open-head0-denoised": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
                                  "l2d.encoder_input=denoised"],
     "main-open-head0-enc0-lr3e-3": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
@@ -284,7 +282,10 @@ def main(argv=None) -> int:
         acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}
         # (the answer-only LoRA's gate needs labels for a teacher-forced loss: none reported)
         val_loss = loss_by_t(model, tok, val_task, times=() if answer_only else (1.0,) if lora else LOSS_TIMES)
-        record = {"setting": name, "overrides": SETTINGS[name], "train_steps": args.steps,
+        trained_steps = args.steps
+        if args.eval_only and (run_dir / "metrics.jsonl").exists():  # the steps it was trained for
+            trained_steps = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        record = {"setting": name, "overrides": SETTINGS[name], "train_steps": trained_steps,
                   "final_loss": summary.get("loss"), "train_s": seconds, "val_accuracy": acc,
                   "val_loss_by_t": val_loss,
                   "n": len(val_task), "solver": args.solver}
