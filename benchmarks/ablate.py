@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--curve", metavar="PNG",
                         help="plot validation accuracy against training seconds for LoRA, L2D and L2D on LoRA "
                              "from the folders in --curve-outs (records scored on --n problems), then exit")
-    parser.add_argument("--curve-outs", default="runs/ablate,runs/ablate200,runs/ablate400,runs/ablate180",
+    parser.add_argument("--curve-outs",
+                        default="runs/ablate,runs/ablate200,runs/ablate400,runs/ablate180,runs/ablate240",
                         help="comma-separated output folders for --curve")
     parser.add_argument("--demo", default="runs/demo", help="the demo's folder (the LoRA the onlora-* runs stack on)")
     args = parser.parse_args(argv)
