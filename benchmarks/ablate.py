@@ -22,63 +22,53 @@ from pathlib import Path
 # Every setting starts from the paper's method (whatever the recipe now says), then changes one
 # thing at a time on top of its parent's overrides.
 PAPER = ["l2d.stream_init=encoder", "l2d.merge_init=zero", "train.head_lr_scale=1.0"]
+MAIN = ["l2d.stream_init=main"]                      # the stream starts as the main path
+MAIN_RAMP = MAIN + ["l2d.merge_init=ramp"]           # merge gate t + m(c_t) - m(c_0)
+RAMP_HEAD0 = MAIN_RAMP + ["train.head_lr_scale=0.0"]  # conditioning heads frozen
+OPEN_HEAD0 = MAIN + ["l2d.merge_init=open", "train.head_lr_scale=0.0"]  # the new defaults
+ONLORA = ["model.name_or_path=runs/demo/lora-merged"]
+LORA_QO_MLP = ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"]
 SETTINGS = {
     "paper": [],                                   # the method as in DESIGN.md (and the defaults before)
-    "main": ["l2d.stream_init=main"],              # the stream starts as the main path
-    "main-sigma8": ["l2d.stream_init=main", "l2d.sigma=8.0"],
-    "main-nosc": ["l2d.stream_init=main", "l2d.self_conditioning=0.0"],
-    "main-lr3e-3": ["l2d.stream_init=main", "train.lr=3e-3"],
+    "main": MAIN,
+    "main-sigma8": MAIN + ["l2d.sigma=8.0"],
+    "main-nosc": MAIN + ["l2d.self_conditioning=0.0"],
+    "main-lr3e-3": MAIN + ["train.lr=3e-3"],
     "paper-sigma8": ["l2d.sigma=8.0"],
     "paper-lr3e-4": ["train.lr=3e-4"],
-    "main-lr3e-4": ["l2d.stream_init=main", "train.lr=3e-4"],
+    "main-lr3e-4": MAIN + ["train.lr=3e-4"],
     "paper-ramp": ["l2d.merge_init=ramp"],         # merge gate open from the first step
-    "main-ramp": ["l2d.stream_init=main", "l2d.merge_init=ramp"],
-    "main-ramp-nosc": ["l2d.stream_init=main", "l2d.merge_init=ramp", "l2d.self_conditioning=0.0"],
-    "main-ramp-sigma8": ["l2d.stream_init=main", "l2d.merge_init=ramp", "l2d.sigma=8.0"],
-    "main-ramp-uniform": ["l2d.stream_init=main", "l2d.merge_init=ramp", "l2d.schedule=uniform"],
-    "main-ramp-head0.1": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
-    "main-ramp-head0": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0"],
-    "main-ramp-head0-uniform": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
-                                "l2d.schedule=uniform"],
-    "main-ramp-head0-ln1": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
-                            "l2d.schedule=logit_normal", "l2d.logit_normal_mean=1.0"],
-    "main-ramp-head0-lr3e-3": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
-                               "train.lr=3e-3"],
-    "main-ramp-head0-nosc": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
-                             "l2d.self_conditioning=0.0"],
-    "main-ramp-head0-full": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
-                             "l2d.path_variant=full", "train.lr=3e-4"],
-    "main-ramp-head0-r128": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
-                             "l2d.rank=128", "l2d.alpha=128"],
-    "main-ramp-head0-kv32": ["l2d.stream_init=main", "l2d.merge_init=ramp", "train.head_lr_scale=0.0",
-                             "l2d.kv_rank=32"],
-    "main-open-head0": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0"],
-    "main-open-head0-nosc": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                             "l2d.self_conditioning=0.0"],
-    "main-open-head0-kv32": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                             "l2d.kv_rank=32"],
-    "main-open-head0-sigma8": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                               "l2d.sigma=8.0"],
-    "main-open-head0-enc0": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                             "train.encoder_lr_scale=0.0"],
-    "main-open-head0-denoised": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                                 "l2d.encoder_input=denoised"],
-    "main-open-head0-enc0-lr3e-3": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                                    "train.encoder_lr_scale=0.0", "train.lr=3e-3"],
-    "main-open-head0-lr3e-3-enc0.33": ["l2d.stream_init=main", "l2d.merge_init=open", "train.head_lr_scale=0.0",
-                                       "train.lr=3e-3", "train.encoder_lr_scale=0.33"],
+    "main-ramp": MAIN_RAMP,
+    "main-ramp-nosc": MAIN_RAMP + ["l2d.self_conditioning=0.0"],
+    "main-ramp-sigma8": MAIN_RAMP + ["l2d.sigma=8.0"],
+    "main-ramp-uniform": MAIN_RAMP + ["l2d.schedule=uniform"],
+    "main-ramp-head0.1": MAIN_RAMP + ["train.head_lr_scale=0.1"],
+    "main-ramp-head0": RAMP_HEAD0,
+    "main-ramp-head0-uniform": RAMP_HEAD0 + ["l2d.schedule=uniform"],
+    "main-ramp-head0-ln1": RAMP_HEAD0 + ["l2d.schedule=logit_normal", "l2d.logit_normal_mean=1.0"],
+    "main-ramp-head0-lr3e-3": RAMP_HEAD0 + ["train.lr=3e-3"],
+    "main-ramp-head0-nosc": RAMP_HEAD0 + ["l2d.self_conditioning=0.0"],
+    "main-ramp-head0-full": RAMP_HEAD0 + ["l2d.path_variant=full", "train.lr=3e-4"],
+    "main-ramp-head0-r128": RAMP_HEAD0 + ["l2d.rank=128", "l2d.alpha=128"],
+    "main-ramp-head0-kv32": RAMP_HEAD0 + ["l2d.kv_rank=32"],
+    "main-open-head0": OPEN_HEAD0,
+    "main-open-head0-nosc": OPEN_HEAD0 + ["l2d.self_conditioning=0.0"],
+    "main-open-head0-kv32": OPEN_HEAD0 + ["l2d.kv_rank=32"],
+    "main-open-head0-sigma8": OPEN_HEAD0 + ["l2d.sigma=8.0"],
+    "main-open-head0-enc0": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0"],
+    "main-open-head0-denoised": OPEN_HEAD0 + ["l2d.encoder_input=denoised"],
+    "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
+    "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);
     # its steps=0 row is that LoRA model itself
-    "onlora-main-open-head0": ["model.name_or_path=runs/demo/lora-merged", "l2d.stream_init=main",
-                               "l2d.merge_init=open", "train.head_lr_scale=0.0"],
-    "onlora-main-open-head0-lr3e-4": ["model.name_or_path=runs/demo/lora-merged", "l2d.stream_init=main",
-                                      "l2d.merge_init=open", "train.head_lr_scale=0.0", "train.lr=3e-4"],
+    "onlora-main-open-head0": ONLORA + OPEN_HEAD0,
+    "onlora-main-open-head0-lr3e-4": ONLORA + OPEN_HEAD0 + ["train.lr=3e-4"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values
-    "lora-qo-mlp": ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"],
+    "lora-qo-mlp": LORA_QO_MLP,
     # the same LoRA acting only where the path does (benchmarks/answer_only_lora.py): context frozen
-    "lora-qo-mlp-answer-only": ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"],
+    "lora-qo-mlp-answer-only": LORA_QO_MLP,
 }
 SETTINGS = {name: (overrides if name.startswith("lora") else PAPER + overrides) for name, overrides in SETTINGS.items()}
 

@@ -19,7 +19,8 @@ class PositionGate:
     """Multiplies every LoRA update by a [B, T, 1] mask of the positions where it may act."""
 
     def __init__(self):
-        self.mask = None       # set for one teacher-forced forward
+        self.mask = None        # [B, T, 1], or None: every position
+        self._explicit = False  # a training mask is set: generation's default must not replace it
         self.handles = []
 
     def attach(self, peft_model) -> "PositionGate":
@@ -42,8 +43,6 @@ class PositionGate:
         mask = torch.zeros(B, T, 1)
         mask[:, -1] = 1.0
         self.mask = mask
-
-    _explicit = False
 
     @contextlib.contextmanager
     def positions(self, labels: torch.Tensor):

@@ -26,7 +26,7 @@ import torch
 
 from l2d import L2DConfig, get_l2d_model
 from l2d.pretrained import load_smollm2
-from l2d.train import batch_loss, freeze_heads
+from l2d.train import batch_loss, freeze_parts
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -108,15 +108,18 @@ def main():
     base_l2d, _ = load_smollm2()
     base_lora, _ = load_smollm2()  # peft edits modules in place: give it its own copy
     l2d = get_l2d_model(base_l2d, L2DConfig()).train()
-    # The SmolLM2 recipe's setting: conditioning heads frozen (train.head_lr_scale = 0).
-    frozen = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
-    freeze_heads(frozen)
+
+    def heads_frozen():  # the SmolLM2 recipe's setting: conditioning heads frozen (train.head_lr_scale = 0)
+        model = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
+        freeze_parts(model, ["heads"])
+        return model
+
+    frozen = heads_frozen()
     lora = get_peft_model(base_lora, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear",
                                                 task_type="CAUSAL_LM")).train()
     models = {"l2d": l2d, "l2d_frozen": frozen, "lora": lora}
     if args.checkpointing:
-        ckpt = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
-        freeze_heads(ckpt)
+        ckpt = heads_frozen()
         ckpt.gradient_checkpointing_enable()
         models["l2d_ckpt"] = ckpt
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))

@@ -344,9 +344,10 @@ class DiffusionPath(nn.Module):
 
     def time_conditioning(self, t: torch.Tensor, class_labels: torch.Tensor,
                           modulations: bool = False) -> "TimeConditioning":
-        """Everything that depends on ``t`` and the class alone (not on the latent): ``c``, ``s(t)``,
-        the merge gate ``m(c_t) - m(c_0)`` (plus ``1[t > 0]`` or ``t`` for ``merge_init`` open or
-        ramp) and, if asked, every block's adaLN modulation.
+        """Everything that depends on ``t`` and the class alone (not on the latent): ``c``, the scale
+        the encoder reads ``x_t`` at (``1 / s(t)`` or ``t / s(t)^2``), the merge gate
+        ``m(c_t) - m(c_0)`` (plus ``1[t > 0]`` or ``t`` for ``merge_init`` open or ramp) and, if
+        asked, every block's adaLN modulation.
 
         A fixed-grid sampler visits the same times for every token, so generation builds these once
         per grid time; training builds them per forward (modulations inside each block, so gradient

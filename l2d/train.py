@@ -124,11 +124,6 @@ def freeze_parts(model, parts) -> None:
             p.requires_grad_(False)
 
 
-def freeze_heads(model) -> None:
-    """Stop training the path's conditioning heads (``train.head_lr_scale = 0``)."""
-    freeze_parts(model, ["heads"])
-
-
 def optimizer_groups(model, recipe: Recipe) -> list[dict]:
     """AdamW groups: no weight decay on vectors; for l2d, each part at its own rate (:func:`lr_scales`).
 
