@@ -57,6 +57,10 @@ SETTINGS = {
     "main-open-head0-sigma8": OPEN_HEAD0 + ["l2d.sigma=8.0"],
     "main-open-head0-enc0": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0"],
     "main-open-head0-denoised": OPEN_HEAD0 + ["l2d.encoder_input=denoised"],
+    # the deltas also run over every context position (a second pass of the base) and the queries
+    # read that pass's keys/values: the path can change the context it reads, as a LoRA does
+    "main-open-head0-adapted": OPEN_HEAD0 + ["l2d.context=adapted"],
+    "main-open-head0-adapted-enc0": OPEN_HEAD0 + ["l2d.context=adapted", "train.encoder_lr_scale=0.0"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);

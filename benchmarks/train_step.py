@@ -1,12 +1,14 @@
 """Training step of L2D (default L2DConfig) against a peft LoRA (rank 32, all linear layers) of the
 same base, SmolLM2-135M-Instruct on the CPU, interleaved repeats, one process.
 
-    python benchmarks/train_step.py [--repeats 3] [--threads 2] [--batches 32x~40] [--checkpointing]
+    python benchmarks/train_step.py [--repeats 3] [--threads 2] [--batches 32x~40] [--checkpointing] [--adapted]
 
 A step = forward + backward + AdamW step, the loss being response-only cross-entropy (summed, as
 `l2d train` computes it). L2D is timed with and without its self-conditioning pass (the default
 config runs it with probability 0.5, so the expected step is their mean). A second L2D model has
 its conditioning heads frozen, as the SmolLM2 recipe trains it (`train.head_lr_scale: 0.0`).
+`--adapted` adds one with `context="adapted"` (heads frozen): its deltas also run over every
+context position, a LoRA-like forward and backward of the base.
 
 Memory: peak resident set size (RSS) above the pre-step RSS, sampled every 1 ms by a thread
 reading /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier steps is returned to
@@ -99,6 +101,8 @@ def main():
     ap.add_argument("--batches", default="4x256,32x~40", help="comma-separated batch kinds: 4x256 and/or 32x~40")
     ap.add_argument("--checkpointing", action="store_true",
                     help="add L2D (frozen heads) with gradient checkpointing of the blocks as a third model")
+    ap.add_argument("--adapted", action="store_true",
+                    help="add L2D with context='adapted' (frozen heads): the deltas also run over the context")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -109,8 +113,8 @@ def main():
     base_lora, _ = load_smollm2()  # peft edits modules in place: give it its own copy
     l2d = get_l2d_model(base_l2d, L2DConfig()).train()
 
-    def heads_frozen():  # the SmolLM2 recipe's setting: conditioning heads frozen (train.head_lr_scale = 0)
-        model = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
+    def heads_frozen(**config):  # the SmolLM2 recipe's setting: conditioning heads frozen (train.head_lr_scale = 0)
+        model = get_l2d_model(load_smollm2()[0], L2DConfig(**config)).train()
         freeze_parts(model, ["heads"])
         return model
 
@@ -122,6 +126,8 @@ def main():
         ckpt = heads_frozen()
         ckpt.gradient_checkpointing_enable()
         models["l2d_ckpt"] = ckpt
+    if args.adapted:
+        models["l2d_adapted"] = heads_frozen(context="adapted")
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
             for k, m in models.items()}
     counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
@@ -129,6 +135,8 @@ def main():
     variants = [("l2d", False), ("l2d", True), ("l2d_frozen", False), ("l2d_frozen", True)]
     if args.checkpointing:
         variants += [("l2d_ckpt", False), ("l2d_ckpt", True)]
+    if args.adapted:
+        variants += [("l2d_adapted", False), ("l2d_adapted", True)]
     variants.append(("lora", None))
 
     results = {}
@@ -162,6 +170,8 @@ def main():
         labels = [("L2D", "l2d"), ("L2D, heads frozen", "l2d_frozen")]
         if args.checkpointing:
             labels.append(("L2D, heads frozen, checkpointed", "l2d_ckpt"))
+        if args.adapted:
+            labels.append(("L2D, heads frozen, context adapted", "l2d_adapted"))
         for label, method in labels:
             no_sc, with_sc = (method, False), (method, True)
             for name, v in ((f"{label}, no self-cond pass", no_sc), (f"{label}, with self-cond pass", with_sc)):

@@ -97,6 +97,8 @@ class ArchAdapter:
         self._rotary_takes_type = (self.rotary_emb is not None
                                    and "layer_type" in inspect.signature(self.rotary_emb.forward).parameters)
         self.num_layers = len(self.layers)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters \
+            else "past_key_values"
         self.hidden_size = self.config.hidden_size
         self.residual_multiplier = float(getattr(self.config, "residual_multiplier", 1.0) or 1.0)
 
@@ -149,6 +151,26 @@ class ArchAdapter:
             wq = w.view(n_heads, 3, head_dim, -1)[:, 0].reshape(q_size, -1)
             bq = None if b is None else b.view(n_heads, 3, head_dim)[:, 0].reshape(q_size)
             return F.linear(x, wq, bq)
+        raise ValueError(f"unknown q_layout {layout!r}")
+
+    def q_module(self, i: int) -> nn.Module:
+        """The module whose output holds layer ``i``'s queries (fused with k/v in some families)."""
+        names = {"separate": "q_proj", "phi3": "qkv_proj", "gpt2": "c_attn", "neox": "query_key_value"}
+        return getattr(self.attn(i), names[self.spec.q_layout])
+
+    def add_to_queries(self, i: int, out: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
+        """``q_module(i)``'s output with ``dq`` [..., heads * head_dim] added to its query part only."""
+        layout = self.spec.q_layout
+        if layout == "separate":
+            return out + dq
+        n_heads, head_dim = self.head_dims(i)
+        if layout in ("phi3", "gpt2"):  # [q | k | v] along the last dimension
+            q_size = n_heads * head_dim
+            return torch.cat([out[..., :q_size] + dq, out[..., q_size:]], dim=-1)
+        if layout == "neox":  # [q_h | k_h | v_h] for each head h
+            per_head = out.view(*out.shape[:-1], n_heads, 3, head_dim)
+            dq = dq.view(*dq.shape[:-1], n_heads, 1, head_dim)
+            return torch.cat([per_head[..., :1, :] + dq, per_head[..., 1:, :]], dim=-2).view(out.shape)
         raise ValueError(f"unknown q_layout {layout!r}")
 
     def shape_queries(self, i: int, q: torch.Tensor) -> torch.Tensor:
@@ -206,6 +228,15 @@ class ArchAdapter:
         return window
 
     # --- whole model -----------------------------------------------------------------------
+    def run_backbone(self, input_ids, attention_mask, position_ids, cache):
+        """The decoder stack on ``input_ids``, appending to ``cache``; returns that cache. The
+        keyword is ``cache`` from transformers 5.24 on (``past_key_values``, deprecated there,
+        before), and so is the output field."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, **{self._cache_kwarg: cache})
+        cache = out.get("cache", None)
+        return out.get("past_key_values") if cache is None else cache
+
     def logits_postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """Family-specific transforms after ``lm_head`` (granite scaling, gemma2 soft-capping)."""
         scaling = getattr(self.config, "logits_scaling", None)

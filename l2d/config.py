@@ -13,6 +13,7 @@ PATH_VARIANTS = ("lora", "full")
 STREAM_INITS = ("encoder", "main")
 MERGE_INITS = ("zero", "ramp", "open")
 ENCODER_INPUTS = ("scaled", "denoised")
+CONTEXTS = ("frozen", "adapted")
 DEFAULT_CLASSES = ("math", "code", "general", "other")
 
 
@@ -67,6 +68,15 @@ class L2DConfig:
             the same gain it learned for the readable ``t`` near 1. ``denoised``: ``t x_t / s(t)^2``,
             the linear least-squares estimate of ``z`` from ``x_t`` (for unit-variance latent
             coordinates), whose size follows the signal-to-noise ratio: 0 at ``t = 0``, ``z`` at ``t = 1``.
+        context: Whose keys/values the path's queries read. ``frozen`` (default, the paper's): the
+            main path's cache as it is, so the path changes only the positions it predicts and
+            costs nothing at the others. ``adapted``: a second pass of the frozen layers over every
+            position with the path's q/o/MLP deltas switched on (no latent, no conditioning: the
+            frozen layers plus the deltas, as a LoRA on q/o/MLP would run), whose keys/values the
+            queries read instead; the deltas then also learn how the context is read. The main
+            path still runs untouched, so ``t = 0`` and ``steps=0`` stay the base. Costs about a
+            LoRA forward and backward per training step on top, and one more forward of the base
+            per generated token (a second cache).
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -89,6 +99,7 @@ class L2DConfig:
     stream_init: str = field(default="main", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
     merge_init: str = field(default="open", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
     encoder_input: str = field(default="scaled", metadata={"help": f"Encoder's view of x_t: {ENCODER_INPUTS}."})
+    context: str = field(default="frozen", metadata={"help": f"Keys/values the path reads: {CONTEXTS}."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 
@@ -118,6 +129,9 @@ class L2DConfig:
              f"merge_init must be one of {MERGE_INITS}, got {self.merge_init!r}"),
             (self.encoder_input in ENCODER_INPUTS,
              f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}"),
+            (self.context in CONTEXTS, f"context must be one of {CONTEXTS}, got {self.context!r}"),
+            (not (self.context == "adapted" and self.kv_rank),
+             "kv_rank must be 0 with context='adapted' (the adapted pass already changes the keys/values)"),
             (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
         ]
         for ok, message in checks:

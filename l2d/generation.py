@@ -4,7 +4,8 @@ For every new token: (1) the frozen main path runs once on the last token, updat
 cache and keeping its pre-norm hidden state; (2) from ``x ~ N(0, sigma^2 I)`` at ``t = 0`` a solver
 integrates ``dx/dt = v(t, x)`` to ``t = 1``, where each evaluation (NFE) runs only the diffusion
 path for that one position against the cached keys/values (nothing is written to the cache);
-(3) the logits of the final evaluation pick the token.
+(3) the logits of the final evaluation pick the token. With ``context="adapted"`` a second cache
+holds the keys/values of the base with the path's deltas on; it grows by one forward per token.
 
 What ``steps`` counts: steps of a fixed-grid solver over ``[0, 1]``. A token then costs
 ``steps * k + 1`` evaluations, ``k`` = 1 (euler), 2 (midpoint, heun), 4 (rk4), the ``+ 1``
@@ -305,6 +306,8 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     sequences, mask = input_ids, attention_mask
     main = model.run_main_path(input_ids, mask)
     kv = model.kv_deltas(main) if use_path else None  # the path's K/V deltas, extended token by token
+    adapted = use_path and model.config.context == "adapted"  # a second cache: the context pass's K/V
+    context = model.run_context_pass(input_ids, mask, main.position_ids) if adapted else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     nfe_log = []
     if streamer is not None:
@@ -314,7 +317,7 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         if use_path:
             logits, nfe = _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol,
                                        max_nfe, estimate, readout, early_stop, guidance_scale, temperature, rngs,
-                                       cond_cache, kv)
+                                       cond_cache, kv, context)
         else:
             logits, nfe = model.head_logits(h_last), 0
         nfe_log.append(nfe)
@@ -334,6 +337,8 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         main = model.run_main_path(nxt[:, None], mask, position_ids=pos, cache=main.cache)
         if kv is not None:
             kv = model.kv_deltas(main, previous=kv)
+        if context is not None:
+            context = model.run_context_pass(nxt[:, None], mask, pos, cache=context)
     if streamer is not None:
         streamer.end()
     if return_dict_in_generate:
@@ -342,12 +347,13 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol, max_nfe,
-                 estimate, readout, early_stop, guidance_scale, temperature, rngs, cond_cache=None, kv=None):
+                 estimate, readout, early_stop, guidance_scale, temperature, rngs, cond_cache=None, kv=None,
+                 context=None):
     """Integrate one token's latent from noise to t=1; returns (logits [B, 1, V], NFE)."""
     B = h_last.shape[0]
     T = main.attention_mask.shape[1]
     query_index = torch.full((B, 1), T - 1, dtype=torch.long, device=h_last.device)
-    ctx = model.stream_context(main, query_index, kv)
+    ctx = model.stream_context(main, query_index, kv, context)
     if guidance_scale is not None:  # cond and uncond as one batch: the K/V are shared by both halves
         ctx.keys = [k.repeat(2, 1, 1, 1) for k in ctx.keys]
         ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]

@@ -207,13 +207,46 @@ class L2DModel(nn.Module):
                     with_kwargs=True))
             captured["a"] = inputs
         try:
-            out = self.arch.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     past_key_values=cache if cache is not None else DynamicCache(), use_cache=True)
+            cache = self.arch.run_backbone(input_ids, attention_mask, position_ids,
+                                           cache if cache is not None else DynamicCache())
         finally:
             for hook in hooks:
                 hook.remove()
-        return MainPathState(out.past_key_values, captured["h"], position_ids, attention_mask, captured.get("e"),
+        return MainPathState(cache, captured["h"], position_ids, attention_mask, captured.get("e"),
                              captured.get("a"))
+
+    def run_context_pass(self, input_ids, attention_mask, position_ids, cache=None) -> DynamicCache:
+        """``context="adapted"``: the frozen layers with the path's q/o/MLP deltas on, over every
+        position of ``input_ids`` (appended to ``cache`` when decoding); returns the cache whose
+        keys/values the queries read. Runs under the caller's grad mode: in training the deltas
+        get gradients through these keys/values."""
+        return self._context_pass(input_ids, attention_mask, position_ids, cache)[0]
+
+    def _context_pass(self, input_ids, attention_mask, position_ids, cache=None, keep_embeds: bool = False):
+        """:meth:`run_context_pass`, plus (``keep_embeds``) the input to decoder layer 0 [B, T, H]."""
+        captured = {}
+        hook = None
+        if keep_embeds:
+            hook = self.arch.layers[0].register_forward_pre_hook(
+                lambda m, args, kwargs: captured.__setitem__("e", args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True)
+        try:
+            with self.path.switch.context_pass():
+                cache = self.arch.run_backbone(input_ids, attention_mask, position_ids,
+                                               cache if cache is not None else DynamicCache())
+        finally:
+            if hook is not None:
+                hook.remove()
+        return cache, captured.get("e")
+
+    def _merge_passes_stream(self, t_q: torch.Tensor) -> bool:
+        """True when the merge returns the stream itself at every query: ``stream_init="main"``
+        (``h = h_main + g (h_f - h_main)``), ``merge_init="open"`` with a frozen all-zero merge head
+        (as when the conditioning heads are frozen) and ``t > 0``, so that ``g = 1`` exactly and
+        ``h = h_f``: the main path's hidden states are then not needed."""
+        merge = self.path.merge[1]
+        return (self.config.stream_init == "main" and self.config.merge_init == "open"
+                and not merge.weight.requires_grad and not bool(merge.weight.any()) and bool((t_q > 0).all()))
 
     def kv_deltas(self, main: MainPathState, previous: list | None = None) -> list | None:
         """The path's key/value deltas at the positions ``main`` just ran (``kv_rank > 0``), appended
@@ -223,11 +256,16 @@ class L2DModel(nn.Module):
             return new
         return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(previous, new)]
 
-    def stream_context(self, main: MainPathState, query_index: torch.Tensor, kv_deltas=None) -> StreamContext:
+    def stream_context(self, main: MainPathState, query_index: torch.Tensor, kv_deltas=None,
+                       context: DynamicCache | None = None) -> StreamContext:
         """What the blocks read for ``query_index``; ``kv_deltas`` default to those of ``main``'s
-        own positions (the whole sequence in a teacher-forced forward)."""
-        keys = [layer.keys for layer in main.cache.layers]
-        values = [layer.values for layer in main.cache.layers]
+        own positions (the whole sequence in a teacher-forced forward). ``context``: the cache of
+        :meth:`run_context_pass` (``context="adapted"``), read instead of the main path's."""
+        if self.config.context == "adapted" and context is None:
+            raise ValueError("context='adapted' reads the keys/values of run_context_pass; pass its cache as context=.")
+        cache = main.cache if context is None else context
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
         pos = main.position_ids
         if pos.shape[1] != main.attention_mask.shape[1]:  # incremental decoding: positions of the new tokens only
             pos = positions_from_mask(main.attention_mask)
@@ -291,9 +329,8 @@ class L2DModel(nn.Module):
         if self.training and self.config.class_dropout > 0:
             drop = torch.rand(B, device=cls.device) < self.config.class_dropout
             cls = torch.where(drop, torch.full_like(cls, self.config.num_classes), cls)
-        main = self.run_main_path(input_ids, attention_mask, position_ids)
-
         if self._disabled:
+            main = self.run_main_path(input_ids, attention_mask, position_ids)
             logits = self.head_logits(main.hidden)
             loss = None
             if labels is not None:
@@ -318,7 +355,20 @@ class L2DModel(nn.Module):
             noise = noise.to(z.device, z.dtype).gather(1, query_index.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
         x_t = add_noise(z, t_q, self.config.sigma, noise)
 
-        ctx = self.stream_context(main, query_index)
+        context = None
+        if self.config.context == "adapted" and not all_positions and self._merge_passes_stream(t_q):
+            # The merge passes h_f through as it is, so the frozen main pass (a third of an adapted
+            # step) is skipped; its hidden states stand in as zeros: 0 + 1 * (h_f - 0) = h_f exactly.
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)
+            context, embeds = self._context_pass(input_ids, attention_mask, position_ids, keep_embeds=True)
+            hidden = torch.zeros(B, T, self.arch.hidden_size, device=input_ids.device, dtype=self.dtype)
+            main = MainPathState(context, hidden, position_ids, attention_mask, embeds)
+        else:
+            main = self.run_main_path(input_ids, attention_mask, position_ids)
+            if self.config.context == "adapted":
+                context = self.run_context_pass(input_ids, attention_mask, main.position_ids)
+        ctx = self.stream_context(main, query_index, context=context)
         at_queries = query_index.unsqueeze(-1).expand(-1, -1, main.hidden.shape[-1])
         h_main = main.hidden.gather(1, at_queries)
         h_start = None if main.embeds is None else main.embeds.gather(1, at_queries)

@@ -10,7 +10,8 @@ For a query position ``i`` with noisy latent ``x_t`` of token ``y_{i+1}``:
     h    = h_main_L + g(t) * h_f,   g(t) = m(c_t) - m(c_0)  (+ 1[t > 0] for merge_init="open", + t for "ramp")
 
 ``Q'``, ``O'``, ``MLP'`` are the layer's frozen modules plus trainable deltas. The path has no
-keys/values of its own: query ``i`` attends to the main path's keys ``0..i`` only.
+keys/values of its own: query ``i`` attends to the main path's keys ``0..i`` only, or, with
+``context="adapted"``, to those of a second pass of the frozen layers with the same deltas on.
 """
 from __future__ import annotations
 
@@ -73,14 +74,17 @@ def _linear_features(module: nn.Module):
 
 
 class DeltaSwitch:
-    """Turns the MLP deltas on only while the diffusion stream calls the frozen MLP.
+    """Turns the deltas that ride on forward hooks of frozen modules on and off.
 
-    The deltas ride on forward hooks of the MLP's own linear layers; outside ``active()`` the
-    hooks return nothing, so the main path (and the base model used alone) is untouched.
+    ``on``: the MLP deltas (hooks on the MLP's own linear layers), while the diffusion stream calls
+    a frozen MLP (``active()``) or during the adapted context pass. ``context``: the q/o deltas as
+    hooks, only during the context pass (the stream adds its q/o deltas itself). Outside those
+    the hooks return nothing, so the main path (and the base model used alone) is untouched.
     """
 
     def __init__(self):
         self.on = False
+        self.context = False
 
     @contextlib.contextmanager
     def active(self):
@@ -89,6 +93,15 @@ class DeltaSwitch:
             yield
         finally:
             self.on = prev
+
+    @contextlib.contextmanager
+    def context_pass(self):
+        prev = self.on, self.context
+        self.on = self.context = True
+        try:
+            yield
+        finally:
+            self.on, self.context = prev
 
 
 class MLPDeltas(nn.Module):
@@ -102,10 +115,12 @@ class MLPDeltas(nn.Module):
         self.parallel = None
         linears = {name: m for name, m in mlp.named_modules() if _linear_features(m) is not None}
         covered = {id(p) for m in linears.values() for p in m.parameters(recurse=False)}
+        self._handles = []
         if not linears or any(id(p) not in covered for p in mlp.parameters()):
             self.parallel = make_delta(config, hidden_size, hidden_size)
+            if config.context == "adapted":  # the context pass calls the MLP itself: add the adapter there
+                self._handles.append(mlp.register_forward_hook(self._parallel_hook))
             return
-        self._handles = []
         for name, module in linears.items():
             key = name.replace(".", "__")
             self.deltas[key] = make_delta(config, *_linear_features(module))
@@ -118,8 +133,13 @@ class MLPDeltas(nn.Module):
             return None
         return hook
 
+    def _parallel_hook(self, module, inputs, output):
+        if self.switch.context:
+            return output + self.parallel(inputs[0]).to(output.dtype)
+        return None
+
     def remove_hooks(self):
-        for h in getattr(self, "_handles", []):
+        for h in self._handles:
             h.remove()
         self._handles = []
 
@@ -189,11 +209,34 @@ class DiffusionBlock(nn.Module):
         o_in, o_out = _linear_features(arch.o_module(index))
         self.o_delta = make_delta(config, o_in, o_out)
         self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch)
+        self.switch = switch
+        self._handles = []
+        if config.context == "adapted":  # the q/o deltas also act in the context pass, through hooks
+            self._handles = [arch.q_module(index).register_forward_hook(self._context_q_hook(arch)),
+                             arch.o_module(index).register_forward_hook(self._context_o_hook)]
         if config.kv_rank:  # same alpha / rank scale as the other deltas
             kv_heads, head_dim = arch.kv_dims(index)
             scale_alpha = config.alpha * config.kv_rank / config.rank
             self.k_delta = LowRankDelta(hidden, kv_heads * head_dim, config.kv_rank, scale_alpha)
             self.v_delta = LowRankDelta(hidden, kv_heads * head_dim, config.kv_rank, scale_alpha)
+
+    def _context_q_hook(self, arch: ArchAdapter):
+        def hook(module, inputs, output):
+            if self.switch.context:
+                return arch.add_to_queries(self.index, output, self.q_delta(inputs[0]).to(output.dtype))
+            return None
+        return hook
+
+    def _context_o_hook(self, module, inputs, output):
+        if self.switch.context:
+            return output + self.o_delta(inputs[0]).to(output.dtype)
+        return None
+
+    def remove_hooks(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.mlp_deltas.remove_hooks()
 
     def kv_deltas(self, arch: ArchAdapter, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rot(dK x), dV x)`` [B, kv_heads, T, head_dim] for the main path's attention input ``x``
@@ -340,7 +383,7 @@ class DiffusionPath(nn.Module):
 
     def remove_hooks(self):
         for block in self.blocks:
-            block.mlp_deltas.remove_hooks()
+            block.remove_hooks()
 
     def time_conditioning(self, t: torch.Tensor, class_labels: torch.Tensor,
                           modulations: bool = False) -> "TimeConditioning":
