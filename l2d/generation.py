@@ -41,6 +41,9 @@ class L2DGenerateOutput:
         return sum(self.nfe) / max(1, len(self.nfe))
 
 
+OPEN_GATE_T0 = 1e-3  # where the field of an open-gate path is evaluated for t = 0 (see TokenField)
+
+
 @dataclass
 class EarlyStop:
     """Stop integrating a token once its prediction has settled: the argmax unchanged over
@@ -59,6 +62,11 @@ class TokenField:
     as one batch and ``v = w v_cond + (1 - w) v_uncond``. The denominator is floored at
     ``min_gap``: adaptive solvers evaluate slightly beyond ``t = 1``.
 
+    With ``merge_init="open"`` the gate jumps from 0 at ``t = 0`` (the base, by construction) to
+    about 1 just after, so the field is evaluated no earlier than ``t = OPEN_GATE_T0``, its right
+    limit: evaluated at 0 itself, every trajectory's first step would head for the base's guess,
+    and with one step the read-out at ``t = 1`` would find that guess as its clean latent.
+
     ``cond_cache``: a :class:`TimeConditioning` shared by the tokens of one ``generate`` call
     (what depends on ``t`` alone is computed once per distinct ``t``); a fresh one by default.
     """
@@ -71,6 +79,7 @@ class TokenField:
         self.estimate, self.w = estimate, guidance_scale
         self.temperature, self.generator = temperature, generator
         self.max_nfe, self.early_stop, self.min_gap = max_nfe, early_stop, min_gap
+        self.t_floor = OPEN_GATE_T0 if model.config.merge_init == "open" else 0.0
         self.nfe = 0
         self.logits = None
         self.z_hat = None
@@ -98,7 +107,7 @@ class TokenField:
         """Logits [B, 1, V] of the path at ``(t, x)`` (guidance applied); updates ``z_hat``
         (skipped with ``need_z_hat=False``, for the read-out that no evaluation follows)."""
         z_hat = torch.zeros_like(x) if self.z_hat is None else self.z_hat
-        logits = self.model.head_logits(self._hidden(min(max(t, 0.0), 1.0), x, z_hat))
+        logits = self.model.head_logits(self._hidden(min(max(t, self.t_floor), 1.0), x, z_hat))
         if self.w is not None:
             cond, uncond = logits.chunk(2)
             logits = self.w * cond + (1 - self.w) * uncond

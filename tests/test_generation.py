@@ -212,3 +212,31 @@ def test_a_main_initialised_stream_generates_and_keeps_steps_0_exact():
     # The path changes the result once it is trained (here: randomised) and steps > 0.
     assert not torch.equal(model.generate(ids, mask, max_new_tokens=6, steps=3, seed=0, eos_token_id=2,
                                           pad_token_id=0), ref)
+
+
+@pytest.mark.parametrize("merge_init", ["open", "ramp"])
+def test_the_field_at_t0_is_the_paths_right_limit_for_an_open_gate(merge_init):
+    """An open gate jumps from 0 (the base) to about 1 just after t = 0: the field starts from the
+    path's prediction there, not the base's. Gates that start at 0 are read at t = 0 itself."""
+    from l2d.generation import OPEN_GATE_T0
+
+    model = _model(merge_init=merge_init)
+    ids, _ = batch(B=1, T=6)
+    main = model.run_main_path(ids)
+    ctx = model.stream_context(main, torch.tensor([[5]]))
+    Z = model.latent_table().float()
+    x = model.config.sigma * torch.randn(1, 1, Z.shape[-1], generator=torch.Generator().manual_seed(0))
+
+    def logits_at(t):
+        field = TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
+                           None, 1.0, None, None, None, h_start=main.embeds[:, -1:])
+        return field.evaluate(t, x)
+
+    with torch.no_grad():
+        base = model.head_logits(main.hidden[:, -1:])
+        at0 = logits_at(0.0)
+        if merge_init == "open":
+            assert torch.equal(at0, logits_at(OPEN_GATE_T0))
+            assert (at0 - base).abs().max() > 1e-3
+        else:
+            assert torch.equal(at0, base)
