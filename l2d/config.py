@@ -75,8 +75,10 @@ class L2DConfig:
             frozen layers plus the deltas, as a LoRA on q/o/MLP would run), whose keys/values the
             queries read instead; the deltas then also learn how the context is read. The main
             path still runs untouched, so ``t = 0`` and ``steps=0`` stay the base. Costs about a
-            LoRA forward and backward per training step on top, and one more forward of the base
-            per generated token (a second cache).
+            LoRA forward and backward per training step on top (gradient checkpointing covers the
+            diffusion blocks, not this pass), and one more forward of the base per generated token
+            (a second cache). Training skips the main pass when the merge returns the stream as it
+            is (``merge_init="open"`` with the conditioning heads frozen).
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """

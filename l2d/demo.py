@@ -285,7 +285,7 @@ def _path_settings(out: Path) -> str | None:
 
     r = load_recipe(recipe_file)
     return (f"- L2D path: rank {r.l2d.rank}, sigma {r.l2d.sigma:g}, {r.l2d.schedule} t, stream_init "
-            f"`{r.l2d.stream_init}`, merge_init `{r.l2d.merge_init}`, conditioning heads "
+            f"`{r.l2d.stream_init}`, merge_init `{r.l2d.merge_init}`, context `{r.l2d.context}`, conditioning heads "
             + ("frozen" if r.train.head_lr_scale == 0 else f"at {r.train.head_lr_scale:g}x lr")
             + f", lr {r.train.lr:g} (chosen on a validation split: benchmarks/README.md, \"Sample efficiency\")")
 
@@ -306,9 +306,11 @@ def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
     l2d_best = max((r for r in rows if r["method"] == "l2d"), key=lambda r: r["accuracy"], default=None)
     versus = ""
     if lora and l2d_best:
-        cmp = "above" if l2d_best["low"] > lora["high"] else "below" if l2d_best["high"] < lora["low"] else "within the confidence interval of"
+        side = "above" if l2d_best["accuracy"] > lora["accuracy"] else "below"
+        overlap = not (l2d_best["low"] > lora["high"] or l2d_best["high"] < lora["low"])
         versus = (f"At this budget the best L2D row ({100 * l2d_best['accuracy']:.1f}%, steps {l2d_best['steps']}) is "
-                  f"{cmp} LoRA ({100 * lora['accuracy']:.1f}%); whether L2D beats LoRA is the subject of its own issue.")
+                  f"{side} LoRA ({100 * lora['accuracy']:.1f}%" + (", though their 95% intervals overlap" if overlap else "")
+                  + "); whether L2D beats LoRA is the subject of its own issue.")
     budget = res["budget"]
     lines = [
         "# The offline demo: accuracy against steps", "",

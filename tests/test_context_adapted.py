@@ -160,3 +160,31 @@ def test_with_a_frozen_zero_merge_head_training_skips_the_main_path_and_loses_no
     with torch.no_grad():  # t = 0 somewhere: the base's own prediction there needs the main path
         model(ids, labels=labels, t=0.0)
     assert calls == [1, 1]
+
+
+class _ExpertsMLP(torch.nn.Module):
+    """An MLP whose weights are bare parameters (as mixture-of-experts weights are): the path
+    gives it one parallel adapter instead of per-linear deltas."""
+
+    def __init__(self, hidden: int, inner: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w_in = torch.nn.Parameter(torch.randn(inner, hidden, generator=g) * 0.2)
+        self.w_out = torch.nn.Parameter(torch.randn(hidden, inner, generator=g) * 0.2)
+
+    def forward(self, x):
+        return F.linear(F.silu(F.linear(x, self.w_in)), self.w_out)
+
+
+def test_a_parallel_mlp_adapter_also_acts_in_the_context_pass():
+    base = tiny_base("llama")
+    for i, layer in enumerate(base.model.layers):
+        layer.mlp = _ExpertsMLP(32, 48, seed=i)
+    base.requires_grad_(False)
+    model = get_l2d_model(base, tiny_config(context="adapted")).eval()
+    assert all(block.mlp_deltas.parallel is not None for block in model.path.blocks)
+    _deltas_only(model)
+    ids, _ = batch(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, t=0.7).logits, _adapted_base_logits(model, ids), atol=1e-4, rtol=1e-4)
+        assert (_adapted_base_logits(model, ids) - base(input_ids=ids).logits).abs().max() > 1e-3
