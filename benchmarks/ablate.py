@@ -61,12 +61,14 @@ SETTINGS = {
     # read that pass's keys/values: the path can change the context it reads, as a LoRA does
     "main-open-head0-adapted": OPEN_HEAD0 + ["l2d.context=adapted"],
     "main-open-head0-adapted-enc0": OPEN_HEAD0 + ["l2d.context=adapted", "train.encoder_lr_scale=0.0"],
+    "main-open-head0-adapted-nosc": OPEN_HEAD0 + ["l2d.context=adapted", "l2d.self_conditioning=0.0"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);
     # its steps=0 row is that LoRA model itself
     "onlora-main-open-head0": ONLORA + OPEN_HEAD0,
     "onlora-main-open-head0-lr3e-4": ONLORA + OPEN_HEAD0 + ["train.lr=3e-4"],
+    "onlora-main-open-head0-adapted": ONLORA + OPEN_HEAD0 + ["l2d.context=adapted"],
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values

@@ -52,20 +52,29 @@ def test_adaptive_solvers_meet_their_tolerance(solver):
     assert (got - x0 * math.exp(-1.0)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("stream_init,merge_init", [("encoder", "zero"), ("main", "ramp")])
-def test_the_token_ode_converges_as_steps_grow(stream_init, merge_init):
-    model = _model(stream_init=stream_init, merge_init=merge_init)
+def _one_token_field(model):
+    """(a factory of fresh token fields for the last position of a 6-token prompt, a noise start
+    x0 at t = 0, the main path's state)."""
     ids, _ = batch(B=1, T=6)
     main = model.run_main_path(ids)
     ctx = model.stream_context(main, torch.tensor([[5]]))
     Z = model.latent_table().float()
     x0 = model.config.sigma * torch.randn(1, 1, Z.shape[-1], generator=torch.Generator().manual_seed(0))
 
+    def new_field():
+        return TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
+                          None, 1.0, None, None, None,
+                          h_start=None if main.embeds is None else main.embeds[:, -1:])
+    return new_field, x0, main
+
+
+@pytest.mark.parametrize("stream_init,merge_init", [("encoder", "zero"), ("main", "ramp")])
+def test_the_token_ode_converges_as_steps_grow(stream_init, merge_init):
+    model = _model(stream_init=stream_init, merge_init=merge_init)
+    new_field, x0, _ = _one_token_field(model)
+
     def solve(n):
-        field = TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
-                           None, 1.0, None, None, None,
-                           h_start=None if main.embeds is None else main.embeds[:, -1:])
-        return integrate_fixed(field, x0, n, "euler")
+        return integrate_fixed(new_field(), x0, n, "euler")
 
     with torch.no_grad():
         sols = {n: solve(n) for n in (4, 16, 64, 256)}
@@ -221,16 +230,10 @@ def test_the_field_at_t0_is_the_paths_right_limit_for_an_open_gate(merge_init):
     from l2d.generation import OPEN_GATE_T0
 
     model = _model(merge_init=merge_init)
-    ids, _ = batch(B=1, T=6)
-    main = model.run_main_path(ids)
-    ctx = model.stream_context(main, torch.tensor([[5]]))
-    Z = model.latent_table().float()
-    x = model.config.sigma * torch.randn(1, 1, Z.shape[-1], generator=torch.Generator().manual_seed(0))
+    new_field, x, main = _one_token_field(model)
 
     def logits_at(t):
-        field = TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
-                           None, 1.0, None, None, None, h_start=main.embeds[:, -1:])
-        return field.evaluate(t, x)
+        return new_field().evaluate(t, x)
 
     with torch.no_grad():
         base = model.head_logits(main.hidden[:, -1:])
