@@ -3,7 +3,6 @@ written, and the same answers from the base model and from L2D at steps=0."""
 import json
 
 import pytest
-import torch
 
 from l2d import get_l2d_model
 from l2d.eval.runner import evaluate, generate_completions, plot_rows, render_prompts, summary_rows, write_json

@@ -1,6 +1,5 @@
 """generate(steps=N): the token loop, solvers, NFE accounting, guidance, early stop, bad input."""
 import math
-import warnings
 
 import pytest
 import torch
