@@ -410,12 +410,24 @@ class L2DModel(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     # --- save / load -----------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, **_) -> None:
-        """Write ``l2d_config.json`` and ``l2d_model.safetensors`` (the path only), atomically."""
+    def save_pretrained(self, save_directory: str, state_dict: dict | None = None, **_) -> None:
+        """Write ``l2d_config.json`` and ``l2d_model.safetensors`` (the path only), atomically.
+
+        ``state_dict``: the weights to write instead of the live ones, as transformers and peft take
+        it: a whole-model state dict (keys ``path.*``, e.g. ``accelerator.get_state_dict(model)``,
+        which gathers weights that FSDP or DeepSpeed shard) or the path's own."""
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.path.state_dict().items()}
+        if state_dict is None:
+            state_dict = self.path.state_dict()
+        elif any(k.startswith("path.") for k in state_dict):
+            state_dict = {k[len("path."):]: v for k, v in state_dict.items() if k.startswith("path.")}
+        missing = sorted(set(self.path.state_dict()) - set(state_dict))
+        if missing:
+            raise ValueError(f"state_dict lacks path weights {missing[:5]}: pass the whole model's state dict "
+                             "(keys 'path.*') or the path's own.")
+        state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         weights = os.path.join(save_directory, WEIGHTS_NAME)
         tmp = weights + ".tmp"
         save_file(state, tmp, metadata={"format": "pt", "l2d_version": __version__})

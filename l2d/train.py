@@ -481,8 +481,10 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     else:
         accelerator.wait_for_everyone()
         save(step)  # the final state, so --resume with a larger max_steps can extend the run
+        # FSDP / DeepSpeed shard the weights: gather them (a collective, so every process calls it)
+        gathered = {"state_dict": accelerator.get_state_dict(model)} if sharded_state else {}
         if main:
-            unwrapped.save_pretrained(str(out_dir))
+            unwrapped.save_pretrained(str(out_dir), **gathered)
             if recipe.method == "full":
                 tokenizer.save_pretrained(str(out_dir))
             (out_dir / RECIPE_FILE).write_text(recipe.to_yaml())

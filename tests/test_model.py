@@ -240,6 +240,25 @@ def test_disable_adapter_is_the_base_and_training_mode_keeps_base_in_eval():
         torch.testing.assert_close(model(ids, t=0.9).logits, _base_logits(base, ids))
 
 
+def test_save_pretrained_takes_a_gathered_state_dict(tmp_path):
+    """What `l2d train` does under FSDP/DeepSpeed: the whole model's (gathered) state dict is passed
+    in and only the path's weights are written, under the path's own names."""
+    from safetensors.torch import load_file
+
+    model = get_l2d_model(tiny_base("llama"), tiny_config())
+    randomize_path(model)
+    model.save_pretrained(tmp_path / "live")
+    model.save_pretrained(tmp_path / "whole", state_dict=model.state_dict())
+    model.save_pretrained(tmp_path / "path", state_dict=model.path.state_dict())
+    live = load_file(tmp_path / "live" / "l2d_model.safetensors")
+    for name in ("whole", "path"):
+        got = load_file(tmp_path / name / "l2d_model.safetensors")
+        assert got.keys() == live.keys() and all(torch.equal(got[k], live[k]) for k in live)
+    partial = {k: v for k, v in model.state_dict().items() if ".blocks.0." not in k}
+    with pytest.raises(ValueError, match="lacks path weights"):
+        model.save_pretrained(tmp_path / "bad", state_dict=partial)
+
+
 # --- bad input --------------------------------------------------------------------------------
 def test_adapter_for_another_base_is_refused(tmp_path):
     get_l2d_model(tiny_base("llama"), tiny_config()).save_pretrained(tmp_path)
