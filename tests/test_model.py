@@ -217,13 +217,16 @@ def test_a_tiny_model_learns(variant, stream_init, merge_init):
     assert (model(ids, t=0.0).logits - _base_logits(base, ids)).abs().max() < 1e-5
 
 
-def test_bfloat16_runs_and_keeps_t0_exact():
+@pytest.mark.parametrize("context", ["frozen", "adapted"])
+def test_bfloat16_runs_and_keeps_t0_exact(context):
     base = tiny_base("llama", dtype=torch.bfloat16)
-    model = get_l2d_model(base, tiny_config())
+    model = get_l2d_model(base, tiny_config(context=context))
     ids, labels = batch()
     out = model(ids, labels=labels)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+    assert all(p.dtype == torch.float32 for p in model.path.parameters())
+    assert model.path.blocks[0].q_delta.A.grad is not None
     randomize_path(model)
     ref = _base_logits(base, ids).float()
     assert (model(ids, t=0.0).logits - ref).abs().max() < 1e-2  # bf16 head in a different GEMM shape
