@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 
 @dataclass(frozen=True)
@@ -228,10 +229,13 @@ class ArchAdapter:
         return window
 
     # --- whole model -----------------------------------------------------------------------
-    def run_backbone(self, input_ids, attention_mask, position_ids, cache):
-        """The decoder stack on ``input_ids``, appending to ``cache``; returns that cache. The
-        keyword is ``cache`` from transformers 5.24 on (``past_key_values``, deprecated there,
-        before), and so is the output field."""
+    def run_backbone(self, input_ids, attention_mask, position_ids, cache=None):
+        """The decoder stack on ``input_ids``, appending to ``cache`` (a fresh ``DynamicCache``
+        without a config by default); returns that cache. The keyword is ``cache`` from
+        transformers 5.24 on (``past_key_values``, deprecated there, before), and so is the
+        output field."""
+        if cache is None:
+            cache = DynamicCache()
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=True, **{self._cache_kwarg: cache})
         cache = out.get("cache", None)

@@ -196,19 +196,13 @@ class L2DModel(nn.Module):
         captured = {}
         hooks = [self.arch.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))]
         if self.config.stream_init == "main":
-            hooks.append(self.arch.layers[0].register_forward_pre_hook(
-                lambda m, args, kwargs: captured.__setitem__("e", args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
+            hooks.append(_keep_input(self.arch.layers[0], captured, "e"))
         if self.config.kv_rank:
             inputs = [None] * self.arch.num_layers
-            for i in range(self.arch.num_layers):
-                hooks.append(self.arch.attn(i).register_forward_pre_hook(
-                    lambda m, args, kwargs, i=i: inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
+            hooks += [_keep_input(self.arch.attn(i), inputs, i) for i in range(self.arch.num_layers)]
             captured["a"] = inputs
         try:
-            cache = self.arch.run_backbone(input_ids, attention_mask, position_ids,
-                                           cache if cache is not None else DynamicCache())
+            cache = self.arch.run_backbone(input_ids, attention_mask, position_ids, cache)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -225,15 +219,10 @@ class L2DModel(nn.Module):
     def _context_pass(self, input_ids, attention_mask, position_ids, cache=None, keep_embeds: bool = False):
         """:meth:`run_context_pass`, plus (``keep_embeds``) the input to decoder layer 0 [B, T, H]."""
         captured = {}
-        hook = None
-        if keep_embeds:
-            hook = self.arch.layers[0].register_forward_pre_hook(
-                lambda m, args, kwargs: captured.__setitem__("e", args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True)
+        hook = _keep_input(self.arch.layers[0], captured, "e") if keep_embeds else None
         try:
             with self.path.switch.context_pass():
-                cache = self.arch.run_backbone(input_ids, attention_mask, position_ids,
-                                               cache if cache is not None else DynamicCache())
+                cache = self.arch.run_backbone(input_ids, attention_mask, position_ids, cache)
         finally:
             if hook is not None:
                 hook.remove()
@@ -359,8 +348,7 @@ class L2DModel(nn.Module):
         if self.config.context == "adapted" and not all_positions and self._merge_passes_stream(t_q):
             # The merge passes h_f through as it is, so the frozen main pass (a third of an adapted
             # step) is skipped; its hidden states stand in as zeros: 0 + 1 * (h_f - 0) = h_f exactly.
-            if position_ids is None:
-                position_ids = positions_from_mask(attention_mask)
+            position_ids = positions_from_mask(attention_mask) if position_ids is None else position_ids
             context, embeds = self._context_pass(input_ids, attention_mask, position_ids, keep_embeds=True)
             hidden = torch.zeros(B, T, self.arch.hidden_size, device=input_ids.device, dtype=self.dtype)
             main = MainPathState(context, hidden, position_ids, attention_mask, embeds)
@@ -474,6 +462,12 @@ class L2DModel(nn.Module):
 def get_l2d_model(base_model: nn.Module, config: L2DConfig | None = None) -> L2DModel:
     """Freeze ``base_model`` and attach a fresh diffusion path (the peft ``get_peft_model`` analogue)."""
     return L2DModel(base_model, config or L2DConfig())
+
+
+def _keep_input(module: nn.Module, store, key):
+    """A forward pre-hook that keeps what ``module`` receives (its hidden states) in ``store[key]``."""
+    return module.register_forward_pre_hook(
+        lambda m, args, kwargs: store.__setitem__(key, args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
 
 
 def _pack_supervised(targets: torch.Tensor):
