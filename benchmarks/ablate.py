@@ -26,6 +26,7 @@ MAIN = ["l2d.stream_init=main"]                      # the stream starts as the 
 MAIN_RAMP = MAIN + ["l2d.merge_init=ramp"]           # merge gate t + m(c_t) - m(c_0)
 RAMP_HEAD0 = MAIN_RAMP + ["train.head_lr_scale=0.0"]  # conditioning heads frozen
 OPEN_HEAD0 = MAIN + ["l2d.merge_init=open", "train.head_lr_scale=0.0"]  # the new defaults
+ADAPTED = OPEN_HEAD0 + ["l2d.context=adapted"]       # the SmolLM2 recipe's path
 ONLORA = ["model.name_or_path=runs/demo/lora-merged"]
 LORA_QO_MLP = ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"]
 SETTINGS = {
@@ -59,16 +60,22 @@ SETTINGS = {
     "main-open-head0-denoised": OPEN_HEAD0 + ["l2d.encoder_input=denoised"],
     # the deltas also run over every context position (a second pass of the base) and the queries
     # read that pass's keys/values: the path can change the context it reads, as a LoRA does
-    "main-open-head0-adapted": OPEN_HEAD0 + ["l2d.context=adapted"],
-    "main-open-head0-adapted-enc0": OPEN_HEAD0 + ["l2d.context=adapted", "train.encoder_lr_scale=0.0"],
-    "main-open-head0-adapted-nosc": OPEN_HEAD0 + ["l2d.context=adapted", "l2d.self_conditioning=0.0"],
+    "main-open-head0-adapted": ADAPTED,
+    "main-open-head0-adapted-enc0": ADAPTED + ["train.encoder_lr_scale=0.0"],
+    "main-open-head0-adapted-nosc": ADAPTED + ["l2d.self_conditioning=0.0"],
+    "main-open-head0-adapted-enc0.1": ADAPTED + ["train.encoder_lr_scale=0.1"],  # reads x_t, learns it slowly
+    "main-open-head0-adapted-lr2e-3": ADAPTED + ["train.lr=2e-3"],
+    "main-open-head0-adapted-sigma16": ADAPTED + ["l2d.sigma=16.0"],
+    # the deltas run in the context pass in the top half of the layers only: half its backward
+    "main-open-head0-adapted-top15": ADAPTED + ["l2d.context_layers=15"],
+    "main-open-head0-adapted-top8": ADAPTED + ["l2d.context_layers=8"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);
     # its steps=0 row is that LoRA model itself
     "onlora-main-open-head0": ONLORA + OPEN_HEAD0,
     "onlora-main-open-head0-lr3e-4": ONLORA + OPEN_HEAD0 + ["train.lr=3e-4"],
-    "onlora-main-open-head0-adapted": ONLORA + OPEN_HEAD0 + ["l2d.context=adapted"],
+    "onlora-main-open-head0-adapted": ONLORA + ADAPTED,
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values

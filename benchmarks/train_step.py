@@ -2,13 +2,15 @@
 same base, SmolLM2-135M-Instruct on the CPU, interleaved repeats, one process.
 
     python benchmarks/train_step.py [--repeats 3] [--threads 2] [--batches 32x~40] [--checkpointing] [--adapted]
+                                    [--context-layers 15]
 
 A step = forward + backward + AdamW step, the loss being response-only cross-entropy (summed, as
 `l2d train` computes it). L2D is timed with and without its self-conditioning pass (the default
 config runs it with probability 0.5, so the expected step is their mean). A second L2D model has
 its conditioning heads frozen, as the SmolLM2 recipe trains it (`train.head_lr_scale: 0.0`).
 `--adapted` adds one with `context="adapted"` (heads frozen): its deltas also run over every
-context position, a LoRA-like forward and backward of the base.
+context position, a LoRA-like forward and backward of the base; `--context-layers K` one more
+whose deltas run in the context pass in the top K layers only (`L2DConfig.context_layers`).
 
 Memory: peak resident set size (RSS) above the pre-step RSS, sampled every 1 ms by a thread
 reading /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier steps is returned to
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import statistics
 import threading
@@ -64,19 +67,49 @@ class PeakRSS:
         self.delta = self.peak - self.base
 
 
+def recipe_batch(path: str = "recipes/smollm2-135m/arithmetic.yaml", size: int = 32) -> dict:
+    """The first ``size`` examples of a recipe's data through l2d's own pipeline (chat template,
+    answer-only labels): the batches the sample-efficiency runs train on."""
+    from l2d.batching import Collator
+    from l2d.data import build_dataset, null_class_label
+    from l2d.pretrained import load_base
+    from l2d.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    for source in recipe.data.sources:
+        source.n = size
+    _, tokenizer = load_base(recipe.model.name_or_path)
+    categories = tuple(recipe.l2d.class_names)
+    data, _ = build_dataset(recipe.data.sources, tokenizer, max_length=recipe.data.max_length, categories=categories,
+                            chat_template=recipe.data.chat_template, system_prompt=recipe.data.system_prompt)
+    collate = Collator(tokenizer.pad_token_id, null_label=null_class_label(categories))
+    return collate([data[i] for i in range(size)])
+
+
 def make_batch(kind: str, vocab: int, seed: int = 0) -> dict:
+    """``4x256`` or ``32x~40`` random tokens whose last half is the response, or ``KIND:F`` with
+    the response the last fraction ``F`` of each sequence; ``arith32``: :func:`recipe_batch`."""
+    if kind == "arith32":
+        return recipe_batch()
+    kind, _, fraction = kind.partition(":")
+    fraction = float(fraction) if fraction else 0.5
+    if not 0 < fraction <= 1:
+        raise SystemExit(f"response fraction must lie in (0, 1], got {fraction}")
     g = torch.Generator().manual_seed(seed)
     if kind == "4x256":
         B, lengths = 4, [256] * 4
-    else:  # 32 sequences of ~40 tokens
+    elif kind == "32x~40":
         B, lengths = 32, torch.randint(34, 47, (32,), generator=g).tolist()
+    else:
+        raise SystemExit(f"unknown batch kind {kind!r}: use 4x256, 32x~40 (optionally :FRACTION) or arith32")
     T = max(lengths)
     ids = torch.randint(3, vocab, (B, T), generator=g)
     mask = torch.zeros(B, T, dtype=torch.long)
     labels = torch.full((B, T), -100)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-        labels[i, n // 2:n] = ids[i, n // 2:n]  # response = last half
+        start = n - math.ceil(n * fraction)  # (0.5: the last half, as n // 2 splits it)
+        labels[i, start:n] = ids[i, start:n]  # the response: the last `fraction` of the tokens
     ids = ids.masked_fill(mask == 0, 0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "class_labels": torch.zeros(B, dtype=torch.long)}
@@ -98,11 +131,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="4x256,32x~40", help="comma-separated batch kinds: 4x256 and/or 32x~40")
+    ap.add_argument("--batches", default="4x256,32x~40",
+                    help="comma-separated batch kinds: 4x256, 32x~40 (random tokens, response = the last half; "
+                         "KIND:F for the last fraction F, e.g. 32x~40:0.1) and arith32 (32 examples of the "
+                         "SmolLM2 arithmetic recipe: chat template, answer-only labels)")
     ap.add_argument("--checkpointing", action="store_true",
                     help="add L2D (frozen heads) with gradient checkpointing of the blocks as a third model")
     ap.add_argument("--adapted", action="store_true",
                     help="add L2D with context='adapted' (frozen heads): the deltas also run over the context")
+    ap.add_argument("--context-layers", type=int, default=None, metavar="K",
+                    help="add L2D with context='adapted' (frozen heads) whose deltas run in the context pass "
+                         "in the top K decoder layers only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -128,6 +167,8 @@ def main():
         models["l2d_ckpt"] = ckpt
     if args.adapted:
         models["l2d_adapted"] = heads_frozen(context="adapted")
+    if args.context_layers:
+        models["l2d_top"] = heads_frozen(context="adapted", context_layers=args.context_layers)
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
             for k, m in models.items()}
     counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
@@ -137,6 +178,8 @@ def main():
         variants += [("l2d_ckpt", False), ("l2d_ckpt", True)]
     if args.adapted:
         variants += [("l2d_adapted", False), ("l2d_adapted", True)]
+    if args.context_layers:
+        variants += [("l2d_top", False), ("l2d_top", True)]
     variants.append(("lora", None))
 
     results = {}
@@ -172,6 +215,8 @@ def main():
             labels.append(("L2D, heads frozen, checkpointed", "l2d_ckpt"))
         if args.adapted:
             labels.append(("L2D, heads frozen, context adapted", "l2d_adapted"))
+        if args.context_layers:
+            labels.append((f"L2D, heads frozen, context adapted in the top {args.context_layers} layers", "l2d_top"))
         for label, method in labels:
             no_sc, with_sc = (method, False), (method, True)
             for name, v in ((f"{label}, no self-cond pass", no_sc), (f"{label}, with self-cond pass", with_sc)):

@@ -79,6 +79,13 @@ class L2DConfig:
             diffusion blocks, not this pass), and one more forward of the base per generated token
             (a second cache). Training skips the main pass when the merge returns the stream as it
             is (``merge_init="open"`` with the conditioning heads frozen).
+        context_layers: With ``context="adapted"``, how many of the top decoder layers run their
+            deltas in the context pass (``None``, the default: all). The layers below compute what
+            the main path does, and a layer's deltas change what the layers above it read, so with
+            ``k`` of ``L`` layers the keys/values of layers ``L-k+1 ... L-1`` are adapted and the
+            rest are the frozen ones. Nothing below layer ``L-k`` needs a gradient, so the context
+            pass's backward stops there (about half of it with half the layers). The diffusion
+            blocks keep their deltas in every layer either way.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -102,6 +109,8 @@ class L2DConfig:
     merge_init: str = field(default="open", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
     encoder_input: str = field(default="scaled", metadata={"help": f"Encoder's view of x_t: {ENCODER_INPUTS}."})
     context: str = field(default="frozen", metadata={"help": f"Keys/values the path reads: {CONTEXTS}."})
+    context_layers: int | None = field(default=None, metadata={
+        "help": "adapted context: top layers whose deltas run in the context pass (None: all)."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 
@@ -134,6 +143,8 @@ class L2DConfig:
             (self.context in CONTEXTS, f"context must be one of {CONTEXTS}, got {self.context!r}"),
             (not (self.context == "adapted" and self.kv_rank),
              "kv_rank must be 0 with context='adapted' (the adapted pass already changes the keys/values)"),
+            (self.context_layers is None or (self.context == "adapted" and self.context_layers >= 1),
+             "context_layers needs context='adapted' and must be a positive number of layers (or None: all)"),
             (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
         ]
         for ok, message in checks:

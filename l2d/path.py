@@ -108,9 +108,11 @@ class MLPDeltas(nn.Module):
     """Deltas for every linear layer of one frozen MLP, or one parallel adapter when the MLP
     holds other parameters (e.g. 3-D expert weights of mixture-of-experts)."""
 
-    def __init__(self, mlp: nn.Module, config: L2DConfig, hidden_size: int, switch: DeltaSwitch):
+    def __init__(self, mlp: nn.Module, config: L2DConfig, hidden_size: int, switch: DeltaSwitch,
+                 in_context: bool = False):
         super().__init__()
         self.switch = switch
+        self.in_context = in_context  # the deltas also act in the adapted context pass
         self.deltas = nn.ModuleDict()
         self.parallel = None
         linears = {name: m for name, m in mlp.named_modules() if _linear_features(m) is not None}
@@ -118,7 +120,7 @@ class MLPDeltas(nn.Module):
         self._handles = []
         if not linears or any(id(p) not in covered for p in mlp.parameters()):
             self.parallel = make_delta(config, hidden_size, hidden_size)
-            if config.context == "adapted":  # the context pass calls the MLP itself: add the adapter there
+            if in_context:  # the context pass calls the MLP itself: add the adapter there
                 self._handles.append(mlp.register_forward_hook(self._parallel_hook))
             return
         for name, module in linears.items():
@@ -128,7 +130,7 @@ class MLPDeltas(nn.Module):
 
     def _hook(self, key: str):
         def hook(module, inputs, output):
-            if self.switch.on:
+            if self.switch.on and (self.in_context or not self.switch.context):
                 return output + self.deltas[key](inputs[0]).to(output.dtype)
             return None
         return hook
@@ -208,10 +210,13 @@ class DiffusionBlock(nn.Module):
         self.q_delta = make_delta(config, q_in, q_out)
         o_in, o_out = _linear_features(arch.o_module(index))
         self.o_delta = make_delta(config, o_in, o_out)
-        self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch)
+        # whether this layer's deltas also act in the adapted context pass (the top context_layers)
+        top = arch.num_layers if config.context_layers is None else config.context_layers
+        self.in_context = config.context == "adapted" and index >= arch.num_layers - top
+        self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch, self.in_context)
         self.switch = switch
         self._handles = []
-        if config.context == "adapted":  # the q/o deltas also act in the context pass, through hooks
+        if self.in_context:  # the q/o deltas also act in the context pass, through hooks
             self._handles = [arch.q_module(index).register_forward_hook(self._context_q_hook(arch)),
                              arch.o_module(index).register_forward_hook(self._context_o_hook)]
         if config.kv_rank:  # same alpha / rank scale as the other deltas
@@ -363,6 +368,9 @@ class DiffusionPath(nn.Module):
         if config.merge_init in ("ramp", "open"):  # the gate starts open, so the path's input starts at zero
             nn.init.zeros_(self.encoder.net[-1].weight)
             nn.init.zeros_(self.encoder.net[-1].bias)
+        if config.context_layers is not None and config.context_layers > arch.num_layers:
+            raise ValueError(f"L2DConfig: context_layers={config.context_layers} but the base has "
+                             f"{arch.num_layers} decoder layers; use at most {arch.num_layers} (or None: all).")
         self.blocks = nn.ModuleList(DiffusionBlock(arch, i, config, self.switch) for i in range(arch.num_layers))
         self.merge = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, hidden))
         nn.init.zeros_(self.merge[1].weight)
