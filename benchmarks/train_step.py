@@ -20,6 +20,7 @@ optimizer state is created by the warm-up step, so it is in the baseline of time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import math
 import os
@@ -142,6 +143,9 @@ def main():
     ap.add_argument("--context-layers", type=int, default=None, metavar="K",
                     help="add L2D with context='adapted' (frozen heads) whose deltas run in the context pass "
                          "in the top K decoder layers only")
+    ap.add_argument("--no-memory", action="store_true",
+                    help="time only, without the RSS-sampling thread (it wakes every 1 ms and takes the GIL, "
+                         "which slows Python-heavy steps unevenly)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -192,12 +196,12 @@ def main():
         for _ in range(args.repeats):
             for v in variants:  # interleaved: machine noise hits every variant alike
                 method, sc = v
-                with PeakRSS() as mem:
+                with contextlib.nullcontext() if args.no_memory else PeakRSS() as mem:
                     t0 = time.perf_counter()
                     step(models[method], method, opts[method], batch, sc)
                     dt = time.perf_counter() - t0
                 times[v].append(dt)
-                mems[v].append(mem.delta)
+                mems[v].append(float("nan") if args.no_memory else mem.delta)
         results[kind] = (times, mems)
         print(f"done {kind}", flush=True)
 
