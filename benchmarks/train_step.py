@@ -225,12 +225,20 @@ def main():
             no_sc, with_sc = (method, False), (method, True)
             for name, v in ((f"{label}, no self-cond pass", no_sc), (f"{label}, with self-cond pass", with_sc)):
                 t, m = statistics.median(times[v]), max(mems[v])
-                print(f"| {kind} | {name} | {t:.2f} | {m / 2**20:.0f} | {t / lora_t:.2f}x | {m / lora_m:.2f}x |")
+                print(f"| {kind} | {name} | {t:.2f} | {_mib(m)} | {t / lora_t:.2f}x | {_ratio(m, lora_m)} |")
             t_exp = (statistics.median(times[no_sc]) + statistics.median(times[with_sc])) / 2
             m_exp = max(max(mems[no_sc]), max(mems[with_sc]))
-            print(f"| {kind} | {label}, expected (p=0.5) | {t_exp:.2f} | {m_exp / 2**20:.0f} | {t_exp / lora_t:.2f}x | "
-                  f"{m_exp / lora_m:.2f}x |")
-        print(f"| {kind} | LoRA r=32 | {lora_t:.2f} | {lora_m / 2**20:.0f} | 1.00x | 1.00x |")
+            print(f"| {kind} | {label}, expected (p=0.5) | {t_exp:.2f} | {_mib(m_exp)} | {t_exp / lora_t:.2f}x | "
+                  f"{_ratio(m_exp, lora_m)} |")
+        print(f"| {kind} | LoRA r=32 | {lora_t:.2f} | {_mib(lora_m)} | 1.00x | {_ratio(lora_m, lora_m)} |")
+
+
+def _mib(m: float) -> str:
+    return "-" if math.isnan(m) else f"{m / 2**20:.0f}"
+
+
+def _ratio(m: float, ref: float) -> str:
+    return "-" if math.isnan(m) else f"{m / ref:.2f}x"
 
 
 if __name__ == "__main__":
