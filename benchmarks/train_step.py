@@ -15,7 +15,11 @@ whose deltas run in the context pass in the top K layers only (`L2DConfig.contex
 Memory: peak resident set size (RSS) above the pre-step RSS, sampled every 1 ms by a thread
 reading /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier steps is returned to
 the OS first. It counts activations, gradients and optimizer-state growth of that step (the
-optimizer state is created by the warm-up step, so it is in the baseline of timed steps).
+optimizer state is created by the warm-up step, so it is in the baseline of timed steps). It is
+measured in one extra step per variant after the timed ones: with the sampler running, steps
+take longer, and unevenly (runs of the same batches on the 2-core AMD container: LoRA 7.5-9.8 s
+with it against 4.4-4.6 s without, L2D about 1.3x longer with it), so times taken under it
+understate L2D's ratio to LoRA.
 """
 from __future__ import annotations
 
@@ -144,8 +148,7 @@ def main():
                     help="add L2D with context='adapted' (frozen heads) whose deltas run in the context pass "
                          "in the top K decoder layers only")
     ap.add_argument("--no-memory", action="store_true",
-                    help="time only, without the RSS-sampling thread (it wakes every 1 ms and takes the GIL, "
-                         "which slows Python-heavy steps unevenly)")
+                    help="time only: skip the extra step per variant that samples the peak RSS")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -196,17 +199,19 @@ def main():
         for _ in range(args.repeats):
             for v in variants:  # interleaved: machine noise hits every variant alike
                 method, sc = v
-                with contextlib.nullcontext() if args.no_memory else PeakRSS() as mem:
-                    t0 = time.perf_counter()
-                    step(models[method], method, opts[method], batch, sc)
-                    dt = time.perf_counter() - t0
-                times[v].append(dt)
-                mems[v].append(float("nan") if args.no_memory else mem.delta)
+                t0 = time.perf_counter()
+                step(models[method], method, opts[method], batch, sc)
+                times[v].append(time.perf_counter() - t0)
+        for v in variants:  # memory in one more step each: the sampling thread slows the step it watches
+            method, sc = v
+            with contextlib.nullcontext() if args.no_memory else PeakRSS() as mem:
+                step(models[method], method, opts[method], batch, sc)
+            mems[v].append(float("nan") if args.no_memory else mem.delta)
         results[kind] = (times, mems)
         print(f"done {kind}", flush=True)
 
     print(f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads, {args.repeats} interleaved repeats "
-          f"(median step time; peak RSS above the pre-step RSS, max over repeats)")
+          f"(median step time; peak RSS above the pre-step RSS in one more step each)")
     print(f"trainable parameters: L2D {counts['l2d']:,d}  |  L2D, heads frozen {counts['l2d_frozen']:,d}  |  "
           f"LoRA r=32 all-linear {counts['lora']:,d}\n")
     header = "| batch | method | step time (s) | peak memory (MiB) | time vs LoRA | memory vs LoRA |"
