@@ -85,7 +85,9 @@ class L2DConfig:
             ``k`` of ``L`` layers the keys/values of layers ``L-k+1 ... L-1`` are adapted and the
             rest are the frozen ones. Nothing below layer ``L-k`` needs a gradient, so the context
             pass's backward stops there (about half of it with half the layers). The diffusion
-            blocks keep their deltas in every layer either way.
+            blocks keep their deltas in every layer either way. On the SmolLM2 arithmetic
+            ablation the top half alone lost the whole gain of the adapted context
+            (benchmarks/README.md): a research knob, not a default.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
