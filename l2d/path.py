@@ -104,6 +104,16 @@ class DeltaSwitch:
             self.on, self.context = prev
 
 
+def _context_delta_hook(switch: DeltaSwitch, delta: nn.Module):
+    """A forward hook that adds ``delta(input)`` to a frozen module's output during the adapted
+    context pass only (elsewhere the module is left as it is)."""
+    def hook(module, inputs, output):
+        if switch.context:
+            return output + delta(inputs[0]).to(output.dtype)
+        return None
+    return hook
+
+
 class MLPDeltas(nn.Module):
     """Deltas for every linear layer of one frozen MLP, or one parallel adapter when the MLP
     holds other parameters (e.g. 3-D expert weights of mixture-of-experts)."""
@@ -121,7 +131,7 @@ class MLPDeltas(nn.Module):
         if not linears or any(id(p) not in covered for p in mlp.parameters()):
             self.parallel = make_delta(config, hidden_size, hidden_size)
             if in_context:  # the context pass calls the MLP itself: add the adapter there
-                self._handles.append(mlp.register_forward_hook(self._parallel_hook))
+                self._handles.append(mlp.register_forward_hook(_context_delta_hook(switch, self.parallel)))
             return
         for name, module in linears.items():
             key = name.replace(".", "__")
@@ -134,11 +144,6 @@ class MLPDeltas(nn.Module):
                 return output + self.deltas[key](inputs[0]).to(output.dtype)
             return None
         return hook
-
-    def _parallel_hook(self, module, inputs, output):
-        if self.switch.context:
-            return output + self.parallel(inputs[0]).to(output.dtype)
-        return None
 
     def remove_hooks(self):
         for h in self._handles:
@@ -218,7 +223,7 @@ class DiffusionBlock(nn.Module):
         self._handles = []
         if self.in_context:  # the q/o deltas also act in the context pass, through hooks
             self._handles = [arch.q_module(index).register_forward_hook(self._context_q_hook(arch)),
-                             arch.o_module(index).register_forward_hook(self._context_o_hook)]
+                             arch.o_module(index).register_forward_hook(_context_delta_hook(switch, self.o_delta))]
         if config.kv_rank:  # same alpha / rank scale as the other deltas
             kv_heads, head_dim = arch.kv_dims(index)
             scale_alpha = config.alpha * config.kv_rank / config.rank
@@ -231,11 +236,6 @@ class DiffusionBlock(nn.Module):
                 return arch.add_to_queries(self.index, output, self.q_delta(inputs[0]).to(output.dtype))
             return None
         return hook
-
-    def _context_o_hook(self, module, inputs, output):
-        if self.switch.context:
-            return output + self.o_delta(inputs[0]).to(output.dtype)
-        return None
 
     def remove_hooks(self):
         for h in self._handles:
