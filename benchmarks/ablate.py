@@ -70,6 +70,11 @@ SETTINGS = {
     # the deltas run in the context pass in the top half of the layers only: half its backward
     "main-open-head0-adapted-top15": ADAPTED + ["l2d.context_layers=15"],
     "main-open-head0-adapted-top8": ADAPTED + ["l2d.context_layers=8"],
+    # the recipe's path with the diffusion stream in the top k layers only (`stream_layers`): the
+    # deltas of every layer still act in the context pass, the latent enters at layer 30 - k
+    "main-open-head0-adapted-enc0.1-stream15": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=15"],
+    "main-open-head0-adapted-enc0.1-stream8": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8"],
+    "main-open-head0-adapted-enc0.1-stream4": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=4"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);

@@ -88,6 +88,18 @@ class L2DConfig:
             blocks keep their deltas in every layer either way. On the SmolLM2 arithmetic
             ablation the top half alone lost the whole gain of the adapted context
             (benchmarks/README.md): a research knob, not a default.
+        stream_layers: How many of the top decoder layers the diffusion stream runs through
+            (``None``, the default and the paper's: all, one block per layer). With ``k`` of ``L``
+            layers the stream starts at layer ``L-k`` from what that layer receives at the query
+            position (the main path's input there, or the adapted context pass's with
+            ``context="adapted"``) plus the encoded latent, and only the top ``k`` layers have
+            blocks; below ``L-k`` the stream would compute exactly what the main path (or the
+            context pass) already computed at that position, except for the latent. A training
+            step and every solver evaluation in ``generate`` then cost about ``k / L`` of the
+            full stream's. With ``context="adapted"`` the deltas of the layers below still act in
+            the context pass (``context_layers``), so the path keeps its adapter capacity and
+            only reads its latent in fewer layers. Needs ``stream_init="main"`` (the stream takes
+            up what the main path computed below) and ``kv_rank=0``.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """
@@ -113,6 +125,8 @@ class L2DConfig:
     context: str = field(default="frozen", metadata={"help": f"Keys/values the path reads: {CONTEXTS}."})
     context_layers: int | None = field(default=None, metadata={
         "help": "adapted context: top layers whose deltas run in the context pass (None: all)."})
+    stream_layers: int | None = field(default=None, metadata={
+        "help": "top decoder layers the diffusion stream runs through (None: all)."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Base model revision."})
 
@@ -147,6 +161,13 @@ class L2DConfig:
              "kv_rank must be 0 with context='adapted' (the adapted pass already changes the keys/values)"),
             (self.context_layers is None or (self.context == "adapted" and self.context_layers >= 1),
              "context_layers needs context='adapted' and must be a positive number of layers (or None: all)"),
+            (self.stream_layers is None or self.stream_layers >= 1,
+             "stream_layers must be a positive number of layers (or None: all)"),
+            (self.stream_layers is None or self.stream_init == "main",
+             "stream_layers needs stream_init='main' (the stream takes up the main path's hidden state "
+             "at its first layer)"),
+            (self.stream_layers is None or not self.kv_rank,
+             "stream_layers needs kv_rank=0 (the key/value deltas are defined for every layer)"),
             (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
         ]
         for ok, message in checks:

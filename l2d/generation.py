@@ -316,7 +316,7 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     main = model.run_main_path(input_ids, mask)
     kv = model.kv_deltas(main) if use_path else None  # the path's K/V deltas, extended token by token
     adapted = use_path and model.config.context == "adapted"  # a second cache: the context pass's K/V
-    context = model.run_context_pass(input_ids, mask, main.position_ids) if adapted else None
+    context = _context_step(model, main, input_ids, mask, main.position_ids) if adapted else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     nfe_log = []
     if streamer is not None:
@@ -347,12 +347,21 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         if kv is not None:
             kv = model.kv_deltas(main, previous=kv)
         if context is not None:
-            context = model.run_context_pass(nxt[:, None], mask, pos, cache=context)
+            context = _context_step(model, main, nxt[:, None], mask, pos, cache=context)
     if streamer is not None:
         streamer.end()
     if return_dict_in_generate:
         return L2DGenerateOutput(sequences=sequences, nfe=nfe_log)
     return sequences
+
+
+def _context_step(model, main, ids, mask, position_ids, cache=None):
+    """The adapted context pass over ``ids`` (appended to ``cache``); the stream then starts from
+    what its first layer receives there, so ``main.stream_input`` is replaced by the pass's own."""
+    cache, start = model._context_pass(ids, mask, position_ids, cache)
+    if start is not None:
+        main.stream_input = start
+    return cache
 
 
 def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol, max_nfe,
@@ -368,7 +377,7 @@ def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rt
         ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]
         ctx.query_index, ctx.query_position = query_index.repeat(2, 1), ctx.query_position.repeat(2, 1)
         ctx.key_mask = ctx.key_mask.repeat(2, 1)
-    h_start = None if main.embeds is None else main.embeds[:, -1:]
+    h_start = None if main.stream_input is None else main.stream_input[:, -1:]
     fld = TokenField(model, ctx, h_last, cls, latent_table, estimate, guidance_scale, temperature, rngs,
                      max_nfe, early_stop, cond_cache=cond_cache, h_start=h_start)
     x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device)

@@ -46,7 +46,9 @@ class MainPathState:
     hidden: torch.Tensor         # [B, T, H] last decoder layer output, before the final norm
     position_ids: torch.Tensor   # [B, T] rotary positions (cumsum of the mask, as generate does)
     attention_mask: torch.Tensor  # [B, T]
-    embeds: torch.Tensor | None = None  # [B, T, H] input to decoder layer 0 (token embeddings as the layers see them)
+    # [B, T, H] what the stream's first layer (path.stream_start; 0 by default, where it is the token
+    # embeddings as the layers see them) receives: from the main path, or from the adapted context pass
+    stream_input: torch.Tensor | None = None
     attn_inputs: list | None = None     # per layer [B, T, H]: what its attention module received (kv_rank > 0)
 
 
@@ -196,7 +198,7 @@ class L2DModel(nn.Module):
         captured = {}
         hooks = [self.arch.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))]
         if self.config.stream_init == "main":
-            hooks.append(_keep_input(self.arch.layers[0], captured, "e"))
+            hooks.append(_keep_input(self.arch.layers[self.path.stream_start], captured, "e"))
         if self.config.kv_rank:
             inputs = [None] * self.arch.num_layers
             hooks += [_keep_input(self.arch.attn(i), inputs, i) for i in range(self.arch.num_layers)]
@@ -216,10 +218,12 @@ class L2DModel(nn.Module):
         get gradients through these keys/values."""
         return self._context_pass(input_ids, attention_mask, position_ids, cache)[0]
 
-    def _context_pass(self, input_ids, attention_mask, position_ids, cache=None, keep_embeds: bool = False):
-        """:meth:`run_context_pass`, plus (``keep_embeds``) the input to decoder layer 0 [B, T, H]."""
+    def _context_pass(self, input_ids, attention_mask, position_ids, cache=None):
+        """:meth:`run_context_pass`, plus what the stream's first layer receives in it [B, T, H]
+        (``stream_init="main"``; else None): the stream then takes up the context pass there."""
         captured = {}
-        hook = _keep_input(self.arch.layers[0], captured, "e") if keep_embeds else None
+        keep = self.config.stream_init == "main"
+        hook = _keep_input(self.arch.layers[self.path.stream_start], captured, "e") if keep else None
         try:
             with self.path.switch.context_pass():
                 cache = self.arch.run_backbone(input_ids, attention_mask, position_ids, cache)
@@ -349,17 +353,17 @@ class L2DModel(nn.Module):
             # The merge passes h_f through as it is, so the frozen main pass (a third of an adapted
             # step) is skipped; its hidden states stand in as zeros: 0 + 1 * (h_f - 0) = h_f exactly.
             position_ids = positions_from_mask(attention_mask) if position_ids is None else position_ids
-            context, embeds = self._context_pass(input_ids, attention_mask, position_ids, keep_embeds=True)
+            context, start = self._context_pass(input_ids, attention_mask, position_ids)
             hidden = torch.zeros(B, T, self.arch.hidden_size, device=input_ids.device, dtype=self.dtype)
-            main = MainPathState(context, hidden, position_ids, attention_mask, embeds)
+            main = MainPathState(context, hidden, position_ids, attention_mask, start)
         else:
             main = self.run_main_path(input_ids, attention_mask, position_ids)
             if self.config.context == "adapted":
-                context = self.run_context_pass(input_ids, attention_mask, main.position_ids)
+                context, main.stream_input = self._context_pass(input_ids, attention_mask, main.position_ids)
         ctx = self.stream_context(main, query_index, context=context)
         at_queries = query_index.unsqueeze(-1).expand(-1, -1, main.hidden.shape[-1])
         h_main = main.hidden.gather(1, at_queries)
-        h_start = None if main.embeds is None else main.embeds.gather(1, at_queries)
+        h_start = None if main.stream_input is None else main.stream_input.gather(1, at_queries)
         z_hat = torch.zeros_like(x_t)
         use_sc = self_conditioning if self_conditioning is not None else (
             self.training and torch.rand(()) < self.config.self_conditioning)

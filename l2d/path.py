@@ -9,6 +9,10 @@ For a query position ``i`` with noisy latent ``x_t`` of token ``y_{i+1}``:
       h_f += gate2 * MLP'( Norm_{w2+dw2}(h_f) + shift2 )
     h    = h_main_L + g(t) * h_f,   g(t) = m(c_t) - m(c_0)  (+ 1[t > 0] for merge_init="open", + t for "ramp")
 
+With ``stream_init="main"`` (the default) the stream starts as ``h_f = e_s + Encoder(...)``, ``e_s``
+being what layer ``s = L - stream_layers`` (0 by default) receives at position ``i``, the blocks
+run layers ``s .. L-1`` only, and the merge is ``h = h_main_L + g(t) * (h_f - h_main_L)``.
+
 ``Q'``, ``O'``, ``MLP'`` are the layer's frozen modules plus trainable deltas. The path has no
 keys/values of its own: query ``i`` attends to the main path's keys ``0..i`` only, or, with
 ``context="adapted"``, to those of a second pass of the frozen layers with the same deltas on.
@@ -203,14 +207,19 @@ class InputEncoder(nn.Module):
 class DiffusionBlock(nn.Module):
     """adaLN-zero block that reuses decoder layer ``index`` of the frozen main path."""
 
-    def __init__(self, arch: ArchAdapter, index: int, config: L2DConfig, switch: DeltaSwitch):
+    def __init__(self, arch: ArchAdapter, index: int, config: L2DConfig, switch: DeltaSwitch,
+                 in_stream: bool = True):
         super().__init__()
         self.index = index
+        # False: a layer below ``stream_layers`` whose deltas act only in the adapted context pass
+        # (no adaLN head: nothing conditions on t there)
+        self.in_stream = in_stream
         self.open_gates = config.stream_init == "main"  # gates 1 + g: the block starts as its frozen layer
         hidden = arch.hidden_size
-        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 6 * hidden))
-        nn.init.zeros_(self.adaln[1].weight)
-        nn.init.zeros_(self.adaln[1].bias)
+        if in_stream:
+            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 6 * hidden))
+            nn.init.zeros_(self.adaln[1].weight)
+            nn.init.zeros_(self.adaln[1].bias)
         q_in, q_out = arch.q_in_out(index)
         self.q_delta = make_delta(config, q_in, q_out)
         o_in, o_out = _linear_features(arch.o_module(index))
@@ -354,6 +363,23 @@ class StreamContext:
         return self._rotary[key]
 
 
+class LayerBlocks(nn.ModuleDict):
+    """The blocks keyed by their decoder layer (state-dict keys ``blocks.<layer>.``, whichever
+    layers have one), iterated in layer order; ``blocks[i]`` is layer ``i``'s block."""
+
+    def __init__(self, blocks):
+        super().__init__({str(block.index): block for block in blocks})
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, layer) -> DiffusionBlock:
+        if str(layer) not in self._modules:
+            raise IndexError(f"decoder layer {layer} has no diffusion block (blocks cover layers "
+                             f"{', '.join(self._modules)}).")
+        return self._modules[str(layer)]
+
+
 class DiffusionPath(nn.Module):
     """All trainable parts: latent map, conditioning, encoder, one block per layer, merge head."""
 
@@ -368,10 +394,19 @@ class DiffusionPath(nn.Module):
         if config.merge_init in ("ramp", "open"):  # the gate starts open, so the path's input starts at zero
             nn.init.zeros_(self.encoder.net[-1].weight)
             nn.init.zeros_(self.encoder.net[-1].bias)
-        if config.context_layers is not None and config.context_layers > arch.num_layers:
-            raise ValueError(f"L2DConfig: context_layers={config.context_layers} but the base has "
-                             f"{arch.num_layers} decoder layers; use at most {arch.num_layers} (or None: all).")
-        self.blocks = nn.ModuleList(DiffusionBlock(arch, i, config, self.switch) for i in range(arch.num_layers))
+        L = arch.num_layers
+        for name in ("context_layers", "stream_layers"):
+            value = getattr(config, name)
+            if value is not None and value > L:
+                raise ValueError(f"L2DConfig: {name}={value} but the base has {L} decoder layers; "
+                                 f"use at most {L} (or None: all).")
+        # The stream runs through layers stream_start..L-1; layers below it get a block only when the
+        # adapted context pass needs their deltas. Blocks are always a contiguous top range.
+        self.stream_start = L - (config.stream_layers or L)
+        in_context = (config.context_layers or L) if config.context == "adapted" else 0
+        first = min(self.stream_start, L - in_context)
+        self.blocks = LayerBlocks(DiffusionBlock(arch, i, config, self.switch, in_stream=i >= self.stream_start)
+                                  for i in range(first, L))
         self.merge = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, hidden))
         nn.init.zeros_(self.merge[1].weight)
         nn.init.zeros_(self.merge[1].bias)
@@ -388,6 +423,11 @@ class DiffusionPath(nn.Module):
                 rotary[key] = arch.rotary(i, x, position_ids)
             out.append(block.kv_deltas(arch, x.float(), rotary[key]))
         return out
+
+    @property
+    def stream_blocks(self) -> list:
+        """The blocks the diffusion stream runs through (layers ``stream_start`` and up)."""
+        return [block for block in self.blocks if block.in_stream]
 
     def remove_hooks(self):
         for block in self.blocks:
@@ -417,7 +457,7 @@ class DiffusionPath(nn.Module):
         s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
         # the encoder reads x_t / s(t), or t x_t / s(t)^2 = E[z | x_t] (linear, unit-variance z)
         x_scale = 1 / s if self.config.encoder_input == "scaled" else t.float().unsqueeze(-1) / s**2
-        mods = [block.modulation(c) for block in self.blocks] if modulations else None
+        mods = [block.modulation(c) for block in self.stream_blocks] if modulations else None
         return TimeConditioning(c, gate, x_scale, mods, bool(at_zero.all()))
 
     def forward(self, arch: ArchAdapter, ctx: StreamContext, h_main: torch.Tensor, x_t: torch.Tensor,
@@ -428,7 +468,8 @@ class DiffusionPath(nn.Module):
 
         h_main: [B, Tq, H] main path's last hidden states at the query positions.
         x_t, z_hat: [B, Tq, d]; t: [B, Tq]; class_labels: [B] (null class allowed).
-        h_start: [B, Tq, H] main path's input to layer 0 there (needed when ``stream_init="main"``).
+        h_start: [B, Tq, H] what the stream's first layer (``stream_start``) receives there in the
+            main path, or in the adapted context pass (needed when ``stream_init="main"``).
         cond: precomputed :meth:`time_conditioning` (then ``t`` and ``class_labels`` are not read).
         """
         if cond is None:
@@ -438,9 +479,10 @@ class DiffusionPath(nn.Module):
         h = self.encoder(x_t.float() * cond.x_scale, z_hat.float()).float()
         if self.config.stream_init == "main":
             if h_start is None:
-                raise ValueError("stream_init='main' needs h_start, the main path's input to layer 0.")
+                raise ValueError("stream_init='main' needs h_start, the main path's input to the stream's "
+                                 "first layer.")
             h = h + h_start.float()
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.stream_blocks):
             modulation = None if cond.modulations is None else cond.modulations[i]
             if checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, arch, h, cond.c, ctx, modulation, use_reentrant=False)

@@ -193,7 +193,7 @@ def test_a_parallel_mlp_adapter_also_acts_in_the_context_pass():
 def _zero_deltas_below(model, first: int):
     """The q/o/MLP deltas of layers below ``first`` set to zero (the path's other parts as they are)."""
     with torch.no_grad():
-        for block in model.path.blocks[:first]:
+        for block in [b for b in model.path.blocks if b.index < first]:
             for name, p in block.named_parameters():
                 if "delta" in name:
                     p.zero_()

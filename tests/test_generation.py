@@ -63,7 +63,7 @@ def _one_token_field(model):
     def new_field():
         return TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
                           None, 1.0, None, None, None,
-                          h_start=None if main.embeds is None else main.embeds[:, -1:])
+                          h_start=None if main.stream_input is None else main.stream_input[:, -1:])
     return new_field, x0, main
 
 

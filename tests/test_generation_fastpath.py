@@ -18,7 +18,7 @@ def test_fast_evaluation_is_bitwise_the_plain_path(family, w, stream_init, merge
     ctx = model.stream_context(main, torch.tensor([[5], [5]]))
     cls = model.class_tensor(["math", None], 2)
     h_main, Z = main.hidden[:, -1:], model.latent_table().float()
-    h_start = None if main.embeds is None else main.embeds[:, -1:]
+    h_start = None if main.stream_input is None else main.stream_input[:, -1:]
     null = torch.full_like(cls, model.config.num_classes)
     both = cls if w is None else torch.cat([cls, null])
     cache = TimeConditioning(model, both)

@@ -105,7 +105,7 @@ def test_a_main_initialised_stream_starts_as_the_main_path(family):
     model.path.merged = lambda h_main, h_f, *a: seen.setdefault("h_f", h_f)
     t = torch.full(ids.shape, 0.6)
     model.path(model.arch, ctx, main.hidden, torch.randn(2, T, 16), t, torch.zeros(2, T, 16),
-               model.class_tensor(None, 2), h_start=main.embeds)
+               model.class_tensor(None, 2), h_start=main.stream_input)
     torch.testing.assert_close(seen["h_f"], main.hidden.float(), atol=2e-5, rtol=1e-4)
 
 
