@@ -22,7 +22,7 @@ from pathlib import Path
 # Every setting starts from the paper's method (whatever the recipe now says), then changes one
 # thing at a time on top of its parent's overrides.
 PAPER = ["l2d.stream_init=encoder", "l2d.merge_init=zero", "train.head_lr_scale=1.0", "l2d.context=frozen",
-         "train.encoder_lr_scale=1.0"]
+         "train.encoder_lr_scale=1.0", "l2d.stream_layers=null"]
 MAIN = ["l2d.stream_init=main"]                      # the stream starts as the main path
 MAIN_RAMP = MAIN + ["l2d.merge_init=ramp"]           # merge gate t + m(c_t) - m(c_0)
 RAMP_HEAD0 = MAIN_RAMP + ["train.head_lr_scale=0.0"]  # conditioning heads frozen
@@ -75,6 +75,8 @@ SETTINGS = {
     "main-open-head0-adapted-enc0.1-stream15": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=15"],
     "main-open-head0-adapted-enc0.1-stream8": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8"],
     "main-open-head0-adapted-enc0.1-stream4": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=4"],
+    "main-open-head0-adapted-enc0.1-stream8-lr2e-3": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8",
+                                                                "train.lr=2e-3"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);
@@ -84,6 +86,7 @@ SETTINGS = {
     "onlora-main-open-head0-adapted": ONLORA + ADAPTED,
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
+    "lora-lr2e-3": ["method=lora", "train.lr=2e-3"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values
     "lora-qo-mlp": LORA_QO_MLP,
     # the same LoRA acting only where the path does (benchmarks/answer_only_lora.py): context frozen

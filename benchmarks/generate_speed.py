@@ -3,6 +3,7 @@
     python benchmarks/generate_speed.py             # SmolLM2-135M-Instruct, batch 1 and 8, 64 tokens
     python benchmarks/generate_speed.py --quick     # a short run (fewer tokens, steps, repeats)
     python benchmarks/generate_speed.py --profile   # also profile one diffusion evaluation
+    python benchmarks/generate_speed.py --stream-layers 8   # the stream in the top 8 layers only
 
 What it measures. SmolLM2-135M-Instruct (offline, ``l2d.pretrained.load_smollm2``) wrapped with a
 fresh, randomly initialised diffusion path (``get_l2d_model(base, L2DConfig())``; the weights do not
@@ -64,13 +65,13 @@ def environment() -> str:
             f"python {platform.python_version()}")
 
 
-def build(seed: int):
+def build(seed: int, stream_layers: int | None = None):
     from l2d import L2DConfig, get_l2d_model
     from l2d.pretrained import load_smollm2
 
     base, tok = load_smollm2()
     torch.manual_seed(seed)
-    model = get_l2d_model(base, L2DConfig()).eval()
+    model = get_l2d_model(base, L2DConfig(stream_layers=stream_layers)).eval()
     with torch.no_grad():  # non-zero gates: the timing must not depend on exact zeros anywhere
         for p in model.path.parameters():
             if p.abs().sum() == 0:
@@ -207,6 +208,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random diffusion path (default: 0)")
+    p.add_argument("--stream-layers", type=int, default=None, metavar="K",
+                   help="L2DConfig(stream_layers=K): the diffusion stream in the top K decoder layers only, so "
+                        "every evaluation runs K blocks instead of one per layer (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="short run: 16 tokens, steps 1 4, euler only, 1 round (overrides those flags)")
     p.add_argument("--profile", action="store_true",
@@ -220,8 +224,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     print(environment())
-    model, tok = build(args.seed)
+    model, tok = build(args.seed, args.stream_layers)
     print(f"model: SmolLM2-135M-Instruct (float32), path {model.get_nb_trainable_parameters()[0]:,d} params, "
+          f"stream through {len(model.path.stream_blocks)} of {model.arch.num_layers} layers, "
           f"vocab {model.vocab_size}")
     if not args.profile_only:
         settings = [("base", None, 0), ("l2d", "euler", 0)] + [

@@ -2,7 +2,7 @@
 same base, SmolLM2-135M-Instruct on the CPU, interleaved repeats, one process.
 
     python benchmarks/train_step.py [--repeats 3] [--threads 2] [--batches 32x~40] [--checkpointing] [--adapted]
-                                    [--context-layers 15]
+                                    [--context-layers 15] [--stream-layers 8]
 
 A step = forward + backward + AdamW step, the loss being response-only cross-entropy (summed, as
 `l2d train` computes it). L2D is timed with and without its self-conditioning pass (the default
@@ -11,6 +11,8 @@ its conditioning heads frozen, as the SmolLM2 recipe trains it (`train.head_lr_s
 `--adapted` adds one with `context="adapted"` (heads frozen): its deltas also run over every
 context position, a LoRA-like forward and backward of the base; `--context-layers K` one more
 whose deltas run in the context pass in the top K layers only (`L2DConfig.context_layers`).
+`--stream-layers K` adds the default config with the diffusion stream in the top K layers only
+(`L2DConfig.stream_layers`), and with `--adapted` the adapted one likewise.
 
 Memory: peak resident set size (RSS) above the pre-step RSS, sampled every 1 ms by a thread
 reading /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier steps is returned to
@@ -147,6 +149,9 @@ def main():
     ap.add_argument("--context-layers", type=int, default=None, metavar="K",
                     help="add L2D with context='adapted' (frozen heads) whose deltas run in the context pass "
                          "in the top K decoder layers only")
+    ap.add_argument("--stream-layers", type=int, default=None, metavar="K",
+                    help="add the default L2D with its diffusion stream in the top K decoder layers only "
+                         "(and, with --adapted, the adapted one likewise)")
     ap.add_argument("--no-memory", action="store_true",
                     help="time only: skip the extra step per variant that samples the peak RSS")
     args = ap.parse_args()
@@ -167,27 +172,31 @@ def main():
     frozen = heads_frozen()
     lora = get_peft_model(base_lora, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear",
                                                 task_type="CAUSAL_LM")).train()
-    models = {"l2d": l2d, "l2d_frozen": frozen, "lora": lora}
+    models = {"l2d": l2d, "l2d_frozen": frozen}
+    labels = [("L2D", "l2d"), ("L2D, heads frozen", "l2d_frozen")]  # (table label, model key)
+    k = args.stream_layers
+    if k:
+        models["l2d_stream"] = get_l2d_model(load_smollm2()[0], L2DConfig(stream_layers=k)).train()
+        labels.append((f"L2D, stream in the top {k} layers", "l2d_stream"))
     if args.checkpointing:
-        ckpt = heads_frozen()
-        ckpt.gradient_checkpointing_enable()
-        models["l2d_ckpt"] = ckpt
+        models["l2d_ckpt"] = heads_frozen()
+        models["l2d_ckpt"].gradient_checkpointing_enable()
+        labels.append(("L2D, heads frozen, checkpointed", "l2d_ckpt"))
     if args.adapted:
         models["l2d_adapted"] = heads_frozen(context="adapted")
+        labels.append(("L2D, heads frozen, context adapted", "l2d_adapted"))
+        if k:
+            models["l2d_adapted_stream"] = heads_frozen(context="adapted", stream_layers=k)
+            labels.append((f"L2D, heads frozen, context adapted, stream in the top {k} layers", "l2d_adapted_stream"))
     if args.context_layers:
         models["l2d_top"] = heads_frozen(context="adapted", context_layers=args.context_layers)
+        labels.append((f"L2D, heads frozen, context adapted in the top {args.context_layers} layers", "l2d_top"))
+    models["lora"] = lora
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
             for k, m in models.items()}
     counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
     vocab = base_l2d.get_input_embeddings().weight.shape[0]
-    variants = [("l2d", False), ("l2d", True), ("l2d_frozen", False), ("l2d_frozen", True)]
-    if args.checkpointing:
-        variants += [("l2d_ckpt", False), ("l2d_ckpt", True)]
-    if args.adapted:
-        variants += [("l2d_adapted", False), ("l2d_adapted", True)]
-    if args.context_layers:
-        variants += [("l2d_top", False), ("l2d_top", True)]
-    variants.append(("lora", None))
+    variants = [(key, sc) for _, key in labels for sc in (False, True)] + [("lora", None)]
 
     results = {}
     for kind in args.batches.split(","):
@@ -219,13 +228,6 @@ def main():
     print("|---|---|---|---|---|---|")
     for kind, (times, mems) in results.items():
         lora_t, lora_m = statistics.median(times[variants[-1]]), max(mems[variants[-1]])
-        labels = [("L2D", "l2d"), ("L2D, heads frozen", "l2d_frozen")]
-        if args.checkpointing:
-            labels.append(("L2D, heads frozen, checkpointed", "l2d_ckpt"))
-        if args.adapted:
-            labels.append(("L2D, heads frozen, context adapted", "l2d_adapted"))
-        if args.context_layers:
-            labels.append((f"L2D, heads frozen, context adapted in the top {args.context_layers} layers", "l2d_top"))
         for label, method in labels:
             no_sc, with_sc = (method, False), (method, True)
             for name, v in ((f"{label}, no self-cond pass", no_sc), (f"{label}, with self-cond pass", with_sc)):

@@ -16,6 +16,26 @@ from torch import nn
 from transformers import DynamicCache
 
 
+class _LastKeysCached(Exception):
+    """Raised by :class:`KVOnlyCache` to end a forward whose output is only its keys/values."""
+
+
+class KVOnlyCache(DynamicCache):
+    """A ``DynamicCache`` for passes read only through their keys/values: storing the last decoder
+    layer's keys/values ends the forward (:meth:`ArchAdapter.run_backbone` catches the signal),
+    since nothing reads what that layer computes after them."""
+
+    def __init__(self, num_layers: int, **kwargs):
+        super().__init__(**kwargs)
+        self._last_layer = num_layers - 1
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self._last_layer:
+            raise _LastKeysCached
+        return out
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One family's layout. Attribute names are relative to the decoder layer unless noted.
@@ -229,15 +249,22 @@ class ArchAdapter:
         return window
 
     # --- whole model -----------------------------------------------------------------------
-    def run_backbone(self, input_ids, attention_mask, position_ids, cache=None):
+    def run_backbone(self, input_ids, attention_mask, position_ids, cache=None, kv_only: bool = False):
         """The decoder stack on ``input_ids``, appending to ``cache`` (a fresh ``DynamicCache``
         without a config by default); returns that cache. The keyword is ``cache`` from
         transformers 5.24 on (``past_key_values``, deprecated there, before), and so is the
-        output field."""
+        output field.
+
+        ``kv_only``: only the keys/values are wanted (the adapted context pass), so the forward
+        stops once the last layer has cached them (a :class:`KVOnlyCache`, also when appending to
+        one): that layer's attention output and MLP and the final norm are never computed."""
         if cache is None:
-            cache = DynamicCache()
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, **{self._cache_kwarg: cache})
+            cache = KVOnlyCache(self.num_layers) if kv_only else DynamicCache()
+        try:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=True, **{self._cache_kwarg: cache})
+        except _LastKeysCached:
+            return cache
         cache = out.get("cache", None)
         return out.get("past_key_values") if cache is None else cache
 

@@ -226,7 +226,8 @@ class L2DModel(nn.Module):
         hook = _keep_input(self.arch.layers[self.path.stream_start], captured, "e") if keep else None
         try:
             with self.path.switch.context_pass():
-                cache = self.arch.run_backbone(input_ids, attention_mask, position_ids, cache)
+                # only its keys/values are read: the forward ends once the last layer has cached them
+                cache = self.arch.run_backbone(input_ids, attention_mask, position_ids, cache, kv_only=True)
         finally:
             if hook is not None:
                 hook.remove()

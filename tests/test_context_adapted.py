@@ -248,3 +248,37 @@ def test_context_layers_settings_are_checked():
     L = tiny_base("llama").config.num_hidden_layers
     with pytest.raises(ValueError, match=f"context_layers={L + 1} but the base has {L} decoder layers"):
         get_l2d_model(tiny_base("llama"), tiny_config(context="adapted", context_layers=L + 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gemma3_text"])
+def test_context_pass_stops_once_the_last_keys_are_cached(family):
+    """The context pass is read only through its keys/values: it ends when the last layer has cached
+    them (its MLP never runs), with the same keys/values as the whole forward, when appending too,
+    and the base used alone afterwards is untouched."""
+    from l2d.arch import KVOnlyCache
+
+    base = tiny_base(family)
+    model = get_l2d_model(base, tiny_config(context="adapted")).eval()
+    _deltas_only(model)
+    ids, _ = batch(seed=7, T=8)
+    mask = torch.ones_like(ids)
+    pos = positions_from_mask(mask)
+    calls = []
+    hook = model.arch.mlp(model.arch.num_layers - 1).register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        ref = base(input_ids=ids, output_hidden_states=True)
+        with model.path.switch.context_pass():
+            full = model.arch.run_backbone(ids, mask, pos)  # the whole forward, deltas on
+        assert len(calls) == 2  # (the base's forward and this one)
+        calls.clear()
+        cache = model.run_context_pass(ids[:, :5], mask[:, :5], pos[:, :5])
+        assert isinstance(cache, KVOnlyCache) and not calls  # the last MLP did not run
+        cache = model.run_context_pass(ids[:, 5:], mask, pos[:, 5:], cache=cache)  # appending, as generate does
+        assert not calls
+        for got, want in zip(cache.layers, full.layers):
+            torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-5)
+        after = base(input_ids=ids, output_hidden_states=True)
+    hook.remove()
+    assert torch.equal(after.logits, ref.logits)
+    assert all(torch.equal(a, b) for a, b in zip(after.hidden_states, ref.hidden_states))
