@@ -75,6 +75,10 @@ SETTINGS = {
     "main-open-head0-adapted-enc0.1-stream15": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=15"],
     "main-open-head0-adapted-enc0.1-stream8": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8"],
     "main-open-head0-adapted-enc0.1-stream4": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=4"],
+    "main-open-head0-adapted-enc0.1-stream8-nosc": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8",
+                                                              "l2d.self_conditioning=0.0"],
+    # the frozen context with the stream in the top 8 layers: the deltas of the layers below are gone
+    "main-open-head0-stream8": OPEN_HEAD0 + ["l2d.stream_layers=8"],
     "main-open-head0-adapted-enc0.1-stream8-lr2e-3": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8",
                                                                 "train.lr=2e-3"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],

@@ -381,7 +381,8 @@ class LayerBlocks(nn.ModuleDict):
 
 
 class DiffusionPath(nn.Module):
-    """All trainable parts: latent map, conditioning, encoder, one block per layer, merge head."""
+    """All trainable parts: latent map, conditioning, encoder, one block per layer the stream runs
+    through (and per lower layer whose deltas act in the adapted context pass), merge head."""
 
     def __init__(self, arch: ArchAdapter, config: L2DConfig):
         super().__init__()
