@@ -22,7 +22,7 @@ from pathlib import Path
 # Every setting starts from the paper's method (whatever the recipe now says), then changes one
 # thing at a time on top of its parent's overrides.
 PAPER = ["l2d.stream_init=encoder", "l2d.merge_init=zero", "train.head_lr_scale=1.0", "l2d.context=frozen",
-         "train.encoder_lr_scale=1.0", "l2d.stream_layers=null"]
+         "train.encoder_lr_scale=1.0", "l2d.stream_layers=null", "l2d.self_conditioning=0.5"]
 MAIN = ["l2d.stream_init=main"]                      # the stream starts as the main path
 MAIN_RAMP = MAIN + ["l2d.merge_init=ramp"]           # merge gate t + m(c_t) - m(c_0)
 RAMP_HEAD0 = MAIN_RAMP + ["train.head_lr_scale=0.0"]  # conditioning heads frozen

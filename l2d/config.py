@@ -99,7 +99,11 @@ class L2DConfig:
             full stream's. With ``context="adapted"`` the deltas of the layers below still act in
             the context pass (``context_layers``), so the path keeps its adapter capacity and
             only reads its latent in fewer layers. Needs ``stream_init="main"`` (the stream takes
-            up what the main path computed below) and ``kv_rank=0``.
+            up what the main path computed below) and ``kv_rank=0``. On the SmolLM2 arithmetic
+            ablation (adapted context) the top 8 or 4 of 30 layers were as accurate as all 30 and
+            made the training step about a LoRA step's (benchmarks/README.md); the SmolLM2 recipe
+            uses 8. With the frozen context the lower layers lose their deltas too, and the top 8
+            alone learned nothing there: the default keeps the paper's one block per layer.
         base_model_name_or_path: Recorded when wrapping, checked (softly) when loading.
         base_model_revision: Recorded when known.
     """

@@ -113,12 +113,20 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, help="held-out problems (overrides the budget)")
     parser.add_argument("--batch-size", type=int, default=25, help="evaluation batch size")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)),
+                        help="comma-separated step counts of the held-out evaluation (default: %(default)s)")
     parser.add_argument("--skip-train", action="store_true", help="reuse the adapters already in --out")
     parser.add_argument("--no-lora-l2d", action="store_true", help="skip L2D on top of the merged LoRA model")
     parser.add_argument("--doc-from", metavar="DIR", help="only write docs/DEMO.md and docs/demo_steps.png from the "
                                                           "finished run in DIR")
     parser.add_argument("--load", help="a note on the machine's load during the run, for the doc")
     args = parser.parse_args(argv)
+    try:
+        eval_steps = [int(x) for x in args.steps.split(",")]
+    except ValueError:
+        parser.error(f"--steps takes comma-separated integers such as 0,1,16, got {args.steps!r}")
+    if not eval_steps or min(eval_steps) < 0:
+        parser.error(f"--steps needs step counts >= 0, got {args.steps!r}")
     if args.doc_from:
         print(write_doc(Path(args.doc_from), Path("docs/DEMO.md"), Path("docs/demo_steps.png"), args.load))
         return 0
@@ -186,18 +194,18 @@ def main(argv=None) -> int:
     solver = max(SOLVER_CANDIDATES, key=lambda s: (val[s]["accuracy"], -SOLVER_CANDIDATES.index(s)))
     print(f"  -> {solver}")
 
-    _say(f"5/5 held-out evaluation at steps {list(STEPS)}")
+    _say(f"5/5 held-out evaluation at steps {eval_steps}")
     rows = []
     base_model, _ = load_smollm2()
     rows += evaluate(base_model, tok, task, [0], method="base", **eval_kw)
     lora_model, _, _ = load_for_eval(str(runs["lora"]))
     rows += evaluate(lora_model, tok, task, [0], method="lora", **eval_kw)
     del lora_model
-    rows += evaluate(l2d_model, tok, task, list(STEPS), solver=solver, method="l2d", **eval_kw)
+    rows += evaluate(l2d_model, tok, task, eval_steps, solver=solver, method="l2d", **eval_kw)
     del l2d_model
     if with_lora_l2d and (runs["lora+l2d"] / "l2d_config.json").is_file():
         ll_model, _, _ = load_for_eval(str(runs["lora+l2d"]))
-        rows += evaluate(ll_model, tok, task, list(STEPS), solver=solver, method="lora+l2d", **eval_kw)
+        rows += evaluate(ll_model, tok, task, eval_steps, solver=solver, method="lora+l2d", **eval_kw)
         del ll_model
 
     budget_of = {"base": "-", "lora": f"{steps} x {recipe.train.batch_size}",

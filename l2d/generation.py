@@ -58,7 +58,8 @@ class TokenField:
 
     ``x1_hat`` is the latent of the argmax token, of a sampled token, or the expected latent
     ``softmax(logits) @ Z``. Each evaluation feeds the previous one's expected latent as
-    ``z_hat`` (self-conditioning). With guidance the conditional and unconditional passes run
+    ``z_hat`` (self-conditioning; zeros for an adapter trained with ``self_conditioning=0``,
+    which never saw anything else there). With guidance the conditional and unconditional passes run
     as one batch and ``v = w v_cond + (1 - w) v_uncond``. The denominator is floored at
     ``min_gap``: adaptive solvers evaluate slightly beyond ``t = 1``.
 
@@ -106,7 +107,10 @@ class TokenField:
     def evaluate(self, t: float, x: torch.Tensor, need_z_hat: bool = True) -> torch.Tensor:
         """Logits [B, 1, V] of the path at ``(t, x)`` (guidance applied); updates ``z_hat``
         (skipped with ``need_z_hat=False``, for the read-out that no evaluation follows)."""
-        z_hat = torch.zeros_like(x) if self.z_hat is None else self.z_hat
+        # An adapter trained without the self-conditioning pass never saw a non-zero z_hat: it gets
+        # zeros, as in training (self.z_hat still serves as the expected-latent estimate of x1).
+        fed = self.z_hat is not None and self.model.config.self_conditioning > 0
+        z_hat = self.z_hat if fed else torch.zeros_like(x)
         logits = self.model.head_logits(self._hidden(min(max(t, self.t_floor), 1.0), x, z_hat))
         if self.w is not None:
             cond, uncond = logits.chunk(2)

@@ -55,3 +55,14 @@ def test_doc_states_what_the_numbers_show(tmp_path):
     doc = write_doc(tmp_path, tmp_path / "docs" / "DEMO.md", tmp_path / "docs" / "demo_steps.png").read_text()
     assert "the table" in doc and "demo_steps.png" in doc and "below LoRA" in doc
     assert (tmp_path / "docs" / "demo_steps.png").is_file()
+
+
+def test_bad_step_list_is_refused_before_any_work(capsys):
+    import pytest
+
+    from l2d.demo import main
+
+    for bad in ("x", "1,-2", ""):
+        with pytest.raises(SystemExit):
+            main(["--steps", bad, "--out", "/nonexistent/never-created"])
+        assert "--steps" in capsys.readouterr().err

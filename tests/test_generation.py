@@ -242,3 +242,21 @@ def test_the_field_at_t0_is_the_paths_right_limit_for_an_open_gate(merge_init):
             assert (at0 - base).abs().max() > 1e-3
         else:
             assert torch.equal(at0, base)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_z_hat_is_fed_only_to_adapters_trained_with_self_conditioning(p):
+    """Training with self_conditioning=0 only ever shows the encoder z_hat = 0, so generation must
+    feed zeros too; with p > 0 the previous evaluation's expected latent goes in."""
+    model = _model(self_conditioning=p)
+    new_field, x0, _ = _one_token_field(model)
+    with torch.no_grad():
+        fresh = new_field().evaluate(0.5, x0)
+        field = new_field()
+        field.evaluate(0.3, x0)
+        assert field.z_hat is not None and field.z_hat.abs().sum() > 0
+        again = field.evaluate(0.5, x0)
+    if p == 0:
+        assert torch.equal(again, fresh)
+    else:
+        assert (again - fresh).abs().max() > 1e-4
