@@ -295,6 +295,8 @@ def _path_settings(out: Path) -> str | None:
     return (f"- L2D path: rank {r.l2d.rank}, sigma {r.l2d.sigma:g}, {r.l2d.schedule} t, stream_init "
             f"`{r.l2d.stream_init}`, merge_init `{r.l2d.merge_init}`, context `{r.l2d.context}`"
             + ("" if r.l2d.stream_layers is None else f", stream in the top {r.l2d.stream_layers} layers")
+            + (", no self-conditioning pass" if r.l2d.self_conditioning == 0 else
+               f", self-conditioning p {r.l2d.self_conditioning:g}")
             + ", conditioning heads "
             + ("frozen" if r.train.head_lr_scale == 0 else f"at {r.train.head_lr_scale:g}x lr")
             + ("" if r.train.encoder_lr_scale == 1 else f", encoder and latent map at {r.train.encoder_lr_scale:g}x lr")
