@@ -197,7 +197,7 @@ class L2DModel(nn.Module):
             position_ids = positions_from_mask(attention_mask)
         captured = {}
         hooks = [self.arch.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))]
-        if self.config.stream_init == "main":
+        if self.config.stream_init == "main" and self.config.context == "frozen":  # (adapted: the context pass's)
             hooks.append(_keep_input(self.arch.layers[self.path.stream_start], captured, "e"))
         if self.config.kv_rank:
             inputs = [None] * self.arch.num_layers

@@ -208,7 +208,7 @@ class DiffusionBlock(nn.Module):
     """adaLN-zero block that reuses decoder layer ``index`` of the frozen main path."""
 
     def __init__(self, arch: ArchAdapter, index: int, config: L2DConfig, switch: DeltaSwitch,
-                 in_stream: bool = True):
+                 in_stream: bool = True, in_context: bool = False):
         super().__init__()
         self.index = index
         # False: a layer below ``stream_layers`` whose deltas act only in the adapted context pass
@@ -224,9 +224,7 @@ class DiffusionBlock(nn.Module):
         self.q_delta = make_delta(config, q_in, q_out)
         o_in, o_out = _linear_features(arch.o_module(index))
         self.o_delta = make_delta(config, o_in, o_out)
-        # whether this layer's deltas also act in the adapted context pass (the top context_layers)
-        top = arch.num_layers if config.context_layers is None else config.context_layers
-        self.in_context = config.context == "adapted" and index >= arch.num_layers - top
+        self.in_context = in_context  # this layer's deltas also act in the adapted context pass
         self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch, self.in_context)
         self.switch = switch
         self._handles = []
@@ -404,10 +402,11 @@ class DiffusionPath(nn.Module):
         # The stream runs through layers stream_start..L-1; layers below it get a block only when the
         # adapted context pass needs their deltas. Blocks are always a contiguous top range.
         self.stream_start = L - (config.stream_layers or L)
-        in_context = (config.context_layers or L) if config.context == "adapted" else 0
-        first = min(self.stream_start, L - in_context)
-        self.blocks = LayerBlocks(DiffusionBlock(arch, i, config, self.switch, in_stream=i >= self.stream_start)
-                                  for i in range(first, L))
+        context_start = L - ((config.context_layers or L) if config.context == "adapted" else 0)
+        self.blocks = LayerBlocks(
+            DiffusionBlock(arch, i, config, self.switch, in_stream=i >= self.stream_start,
+                           in_context=i >= context_start)
+            for i in range(min(self.stream_start, context_start), L))
         self.merge = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, hidden))
         nn.init.zeros_(self.merge[1].weight)
         nn.init.zeros_(self.merge[1].bias)
