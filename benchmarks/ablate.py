@@ -9,6 +9,7 @@ come once, from the demo, with the defaults chosen here.
     python benchmarks/ablate.py --list       # every setting and its overrides
     python benchmarks/ablate.py --table      # results.jsonl as a markdown table
     python benchmarks/ablate.py --n 512 --curve benchmarks/sample_efficiency.png   # accuracy vs time
+    python benchmarks/ablate.py --steps 80 --n 512 --no-loss --seed 1 recipe-loraplus4 lora-loraplus4  # another seed
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ MAIN_RAMP = MAIN + ["l2d.merge_init=ramp"]           # merge gate t + m(c_t) - m
 RAMP_HEAD0 = MAIN_RAMP + ["train.head_lr_scale=0.0"]  # conditioning heads frozen
 OPEN_HEAD0 = MAIN + ["l2d.merge_init=open", "train.head_lr_scale=0.0"]  # the new defaults
 ADAPTED = OPEN_HEAD0 + ["l2d.context=adapted"]       # the SmolLM2 recipe's path
+RECIPE = ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8", "l2d.self_conditioning=0.0"]  # the recipe's now
 ONLORA = ["model.name_or_path=runs/demo/lora-merged"]
 LORA_QO_MLP = ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"]
 SETTINGS = {
@@ -81,6 +83,12 @@ SETTINGS = {
     "main-open-head0-stream8": OPEN_HEAD0 + ["l2d.stream_layers=8"],
     "main-open-head0-adapted-enc0.1-stream8-lr2e-3": ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8",
                                                                 "train.lr=2e-3"],
+    # LoRA+: the B of every low-rank delta at a higher rate than A (`train.loraplus_lr_ratio`), for the
+    # recipe's path and for the LoRA baseline alike
+    "recipe": RECIPE,
+    "recipe-loraplus4": RECIPE + ["train.loraplus_lr_ratio=4"],
+    "recipe-loraplus16": RECIPE + ["train.loraplus_lr_ratio=16"],
+    "recipe-loraplus4-r64": RECIPE + ["train.loraplus_lr_ratio=4", "l2d.rank=64", "l2d.alpha=64"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);
@@ -91,12 +99,16 @@ SETTINGS = {
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
     "lora": ["method=lora"],
     "lora-lr2e-3": ["method=lora", "train.lr=2e-3"],
+    "lora-loraplus4": ["method=lora", "train.loraplus_lr_ratio=4"],
+    "lora-loraplus16": ["method=lora", "train.loraplus_lr_ratio=16"],
     # LoRA on the modules the path has deltas on (q, o, MLP): no change to the keys/values
     "lora-qo-mlp": LORA_QO_MLP,
     # the same LoRA acting only where the path does (benchmarks/answer_only_lora.py): context frozen
     "lora-qo-mlp-answer-only": LORA_QO_MLP,
 }
-SETTINGS = {name: (overrides if name.startswith("lora") else PAPER + overrides) for name, overrides in SETTINGS.items()}
+# (every setting pins one rate for A and B, the recipe's before LoRA+, so that earlier rows reproduce)
+SETTINGS = {name: ["train.loraplus_lr_ratio=1"] + (overrides if name.startswith("lora") else PAPER + overrides)
+            for name, overrides in SETTINGS.items()}
 
 
 LOSS_TIMES = (0.0, 0.5, 0.9, 0.98, 1.0)
@@ -149,7 +161,7 @@ def markdown_table(path: Path) -> str:
     latest = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        latest[(r["setting"], r["train_steps"])] = r
+        latest[(r["setting"], r["train_steps"], r.get("seed"))] = r
     steps = sorted({int(s) for r in latest.values() for s in r["val_accuracy"]})
     times = [str(t) for t in LOSS_TIMES]
     head = (["setting", "train steps", "train s"] + [f"acc @{s}" for s in steps]
@@ -158,7 +170,8 @@ def markdown_table(path: Path) -> str:
     for r in latest.values():
         acc = [str(r["val_accuracy"].get(str(s), "")) for s in steps]
         loss = r.get("val_loss_by_t") or {}
-        cells = [r["setting"], str(r["train_steps"]), str(r["train_s"])] + acc + [str(loss.get(t, "")) for t in times]
+        name = r["setting"] if r.get("seed") is None else f"{r['setting']} (seed {r['seed']})"
+        cells = [name, str(r["train_steps"]), str(r["train_s"])] + acc + [str(loss.get(t, "")) for t in times]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,6 +253,11 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-outs",
                         default="runs/ablate,runs/ablate200,runs/ablate400,runs/ablate180,runs/ablate240",
                         help="comma-separated output folders for --curve")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train with this train.seed (path/LoRA init, data order, noise) instead of the "
+                             "recipe's; the run folder gets a -seedN suffix")
+    parser.add_argument("--no-loss", action="store_true",
+                        help="skip the teacher-forced loss by t (the slow part of scoring)")
     parser.add_argument("--demo", default="runs/demo", help="the demo's folder (the LoRA the onlora-* runs stack on)")
     args = parser.parse_args(argv)
     if args.curve:
@@ -278,8 +296,9 @@ def main(argv=None) -> int:
                                                 **source.generator_kwargs)["prompt"])
     val_task, _ = heldout_task(source, args.n, VALIDATION_SEED, train_questions)
     for name in args.settings:
-        run_dir = out / name
-        overrides = SETTINGS[name] + [f"train.output_dir={run_dir}", f"train.max_steps={args.steps}",
+        seed = [] if args.seed is None else [f"train.seed={args.seed}"]
+        run_dir = out / (name if args.seed is None else f"{name}-seed{args.seed}")
+        overrides = SETTINGS[name] + seed + [f"train.output_dir={run_dir}", f"train.max_steps={args.steps}",
                                       "train.save_every=0", "train.keep_last=1",
                                       f"data.system_prompt={SYSTEM_PROMPT}"]  # as the demo trains and scores
         answer_only = name.endswith("answer-only")
@@ -298,14 +317,15 @@ def main(argv=None) -> int:
                         batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat")
         acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}
         # (the answer-only LoRA's gate needs labels for a teacher-forced loss: none reported)
-        val_loss = loss_by_t(model, tok, val_task, times=() if answer_only else (1.0,) if lora else LOSS_TIMES)
+        val_loss = loss_by_t(model, tok, val_task, times=() if answer_only or args.no_loss
+                             else (1.0,) if lora else LOSS_TIMES)
         trained_steps = args.steps
         if args.eval_only and (run_dir / "metrics.jsonl").exists():  # the steps it was trained for
             trained_steps = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-        record = {"setting": name, "overrides": SETTINGS[name], "train_steps": trained_steps,
+        record = {"setting": name, "overrides": SETTINGS[name] + seed, "train_steps": trained_steps,
                   "final_loss": summary.get("loss"), "train_s": seconds, "val_accuracy": acc,
                   "val_loss_by_t": val_loss,
-                  "n": len(val_task), "solver": args.solver}
+                  "n": len(val_task), "solver": args.solver, "seed": args.seed}
         with open(out / ("rescored.jsonl" if args.eval_only else "results.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)

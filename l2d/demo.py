@@ -300,6 +300,8 @@ def _path_settings(out: Path) -> str | None:
             + ", conditioning heads "
             + ("frozen" if r.train.head_lr_scale == 0 else f"at {r.train.head_lr_scale:g}x lr")
             + ("" if r.train.encoder_lr_scale == 1 else f", encoder and latent map at {r.train.encoder_lr_scale:g}x lr")
+            + ("" if r.train.loraplus_lr_ratio == 1 else
+               f", the B of each low-rank delta at {r.train.loraplus_lr_ratio:g}x lr (LoRA+, the LoRA baseline too)")
             + f", lr {r.train.lr:g} (chosen on a validation split: benchmarks/README.md, \"Sample efficiency\")")
 
 

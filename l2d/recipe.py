@@ -97,6 +97,10 @@ class TrainSection:
         "l2d only: learning-rate multiplier of the parts that read the noisy latent: the input encoder and "
         "the latent map. 0 freezes them; with l2d.merge_init open or ramp (encoder output zero at init) the "
         "path then never reads x_t and is a plain adapter of the last position (an ablation, not a method)."))
+    loraplus_lr_ratio: float = field(default=1.0, metadata=_help(
+        "Learning rate of the up-projections B of low-rank deltas (l2d's path, kv deltas, peft's lora_B) "
+        "over that of the down-projections A, as LoRA+ (Hayou et al. 2024) sets it; peft calls it "
+        "loraplus_lr_ratio. B starts at zero, so its rate sets how fast a delta grows. 1: one rate."))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=_help("AdamW betas."))
     eps: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW decoupled weight decay."))
@@ -231,6 +235,7 @@ def _check(recipe: Recipe) -> Recipe:
         (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (t.head_lr_scale >= 0, "train.head_lr_scale", "must be >= 0 (0 freezes the conditioning heads)"),
         (t.encoder_lr_scale >= 0, "train.encoder_lr_scale", "must be >= 0 (0 freezes the encoder and latent map)"),
+        (t.loraplus_lr_ratio > 0, "train.loraplus_lr_ratio", "must be > 0 (1 trains A and B at one rate)"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),
         (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),

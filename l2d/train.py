@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
 # Recipe keys that must match for --resume (the rest, e.g. lr or micro_batch_size, may change).
+# The lr scales are stored in the optimizer's groups, which a resume restores: they must match too.
 _RESUME_KEYS = ("model.name_or_path", "model.revision", "method", "l2d", "lora", "data",
-                "train.batch_size", "train.seed", "train.group_by_length", "train.epochs")
+                "train.batch_size", "train.seed", "train.group_by_length", "train.epochs",
+                "train.head_lr_scale", "train.encoder_lr_scale", "train.loraplus_lr_ratio")
 
 
 class TrainingError(RuntimeError):
@@ -124,8 +126,14 @@ def freeze_parts(model, parts) -> None:
             p.requires_grad_(False)
 
 
+def is_up_projection(name: str) -> bool:
+    """The ``B`` of a low-rank delta ``B A x``: l2d's (``...B``) or peft's (``...lora_B...``)."""
+    return name.endswith(".B") or ".lora_B." in name
+
+
 def optimizer_groups(model, recipe: Recipe) -> list[dict]:
-    """AdamW groups: no weight decay on vectors; for l2d, each part at its own rate (:func:`lr_scales`).
+    """AdamW groups: no weight decay on vectors; for l2d, each part at its own rate (:func:`lr_scales`);
+    the ``B`` of every low-rank delta at ``train.loraplus_lr_ratio`` times its part's rate.
 
     The heads (per-block adaLN, merge, time MLP, class embedding) see only ``t`` and the class.
     AdamW moves every weight by about ``lr`` per step whatever the gradient's size, so a head's
@@ -133,17 +141,22 @@ def optimizer_groups(model, recipe: Recipe) -> list[dict]:
     step, for every token alike: the heads learn a bias towards frequent answers long before the
     deltas learn to read the context (benchmarks/README.md, "Sample efficiency"). A smaller rate,
     or 0 (frozen, see ``build_model``), keeps them from doing so.
+
+    LoRA+: with ``B = 0`` at init a delta ``B A x`` grows only as fast as ``B`` learns, while ``A``
+    (random, wide) barely needs to move; a higher rate for ``B`` learns features faster.
     """
     t = recipe.train
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     scales = lr_scales(recipe)
     groups = []
     for part, scale in scales.items():
-        for decay in (True, False):
-            ps = [p for n, p in named if (part_of(n) if recipe.method == "l2d" else "deltas") == part
-                  and (p.dim() >= 2) == decay]
-            if ps:
-                groups.append({"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr_scale": scale})
+        for up in (False, True) if t.loraplus_lr_ratio != 1 else (None,):  # (one rate: groups as before)
+            for decay in (True, False):
+                ps = [p for n, p in named if (part_of(n) if recipe.method == "l2d" else "deltas") == part
+                      and up in (None, is_up_projection(n)) and (p.dim() >= 2) == decay]
+                if ps:
+                    groups.append({"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
+                                   "lr_scale": scale * (t.loraplus_lr_ratio if up else 1.0)})
     return groups
 
 
@@ -182,11 +195,16 @@ def batch_loss(model, method: str, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 def _recipe_view(d: dict) -> dict:
+    from .recipe import TrainSection
+
     out = {}
     for key in _RESUME_KEYS:
         node = d
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
+        section, _, name = key.partition(".")
+        if node is None and section == "train" and hasattr(TrainSection, name):
+            node = getattr(TrainSection, name)  # a key newer than the checkpoint: it ran at the default
         out[key] = node
     if d.get("method") != "lora":
         out.pop("lora")

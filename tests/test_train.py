@@ -167,6 +167,42 @@ def test_encoder_lr_scale_sets_the_encoder_and_latent_map_rate(tmp_path, base_di
         recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "bad", encoder_lr_scale=-1.0))
 
 
+@pytest.mark.parametrize("method", ["l2d", "lora"])
+def test_loraplus_lr_ratio_speeds_up_the_b_matrices_only(tmp_path, base_dir, data_file, method):
+    """train.loraplus_lr_ratio=4: every B of a low-rank delta (the path's, or peft's lora_B) sits in a
+    group at 4x its part's rate, every A at 1x; one AdamW step from B = 0 (a sign step of size lr)
+    then moves B four times as far as with ratio 1."""
+    def run(ratio, out):
+        recipe = recipe_from_dict(make_recipe(base_dir, data_file, out, method=method, max_steps=1, warmup_steps=0,
+                                              head_lr_scale=0.0, loraplus_lr_ratio=ratio))
+        recipe.l2d.merge_init, recipe.l2d.stream_init = "open", "main"
+        return recipe
+
+    recipe = run(4.0, tmp_path / "groups")
+    model = train_mod.build_model(recipe, AutoModelForCausalLM.from_pretrained(base_dir))
+    scale_of = {id(p): g["lr_scale"] for g in train_mod.optimizer_groups(model, recipe) for p in g["params"]}
+    up = [n for n, p in model.named_parameters() if p.requires_grad and train_mod.is_up_projection(n)]
+    down = [n for n, p in model.named_parameters() if p.requires_grad and (n.endswith(".A") or ".lora_A." in n)]
+    assert up and len(up) == len(down)
+    params = dict(model.named_parameters())
+    assert all(scale_of[id(params[n])] == 4.0 for n in up) and all(scale_of[id(params[n])] == 1.0 for n in down)
+
+    def largest_b(out):
+        if method == "l2d":
+            path = L2DModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).path
+            return max(float(p.abs().max()) for n, p in path.named_parameters() if n.endswith(".B"))
+        from safetensors.torch import load_file
+        weights = load_file(str(out / "adapter_model.safetensors"))
+        return max(float(w.abs().max()) for n, w in weights.items() if "lora_B" in n)
+
+    train(run(1.0, tmp_path / "one"))
+    train(run(4.0, tmp_path / "four"))
+    one, four = largest_b(tmp_path / "one"), largest_b(tmp_path / "four")
+    assert one > 0 and four == pytest.approx(4 * one, rel=1e-3)
+    with pytest.raises(RecipeError, match="loraplus_lr_ratio"):
+        recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "bad", loraplus_lr_ratio=0.0))
+
+
 def test_interrupted_then_resumed_run_repeats_the_loss_curve(tmp_path, base_dir, data_file):
     full, part = tmp_path / "full", tmp_path / "part"
     train(recipe_from_dict(make_recipe(base_dir, data_file, full)))
@@ -187,6 +223,9 @@ def test_resume_from_another_recipe_is_refused(tmp_path, base_dir, data_file):
     train(recipe_from_dict(make_recipe(base_dir, data_file, out)), stop_after=2)
     with pytest.raises(TrainingError, match=r"another recipe.*l2d"):
         train(recipe_from_dict(make_recipe(base_dir, data_file, out), ["l2d.rank=8"]), resume=str(out))
+    # the per-group rates live in the optimizer state a resume restores: a new ratio cannot take effect
+    with pytest.raises(TrainingError, match=r"another recipe.*train\.loraplus_lr_ratio"):
+        train(recipe_from_dict(make_recipe(base_dir, data_file, out), ["train.loraplus_lr_ratio=4"]), resume=str(out))
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         train(recipe_from_dict(make_recipe(base_dir, data_file, out)))
     with pytest.raises(TrainingError, match="no checkpoint"):
