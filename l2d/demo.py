@@ -321,10 +321,11 @@ def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
     l2d_best = max((r for r in rows if r["method"] == "l2d"), key=lambda r: r["accuracy"], default=None)
     versus = ""
     if lora and l2d_best:
-        side = "above" if l2d_best["accuracy"] > lora["accuracy"] else "below"
+        side = ("level with" if l2d_best["accuracy"] == lora["accuracy"]
+                else "above" if l2d_best["accuracy"] > lora["accuracy"] else "below")
         overlap = not (l2d_best["low"] > lora["high"] or l2d_best["high"] < lora["low"])
         versus = (f"At this budget the best L2D row ({100 * l2d_best['accuracy']:.1f}%, steps {l2d_best['steps']}) is "
-                  f"{side} LoRA ({100 * lora['accuracy']:.1f}%" + (", though their 95% intervals overlap" if overlap else "")
+                  f"{side} LoRA ({100 * lora['accuracy']:.1f}%" + (", though their 95% intervals overlap" if overlap and side != "level with" else "")
                   + "); whether L2D beats LoRA is the subject of its own issue.")
     budget = res["budget"]
     lines = [
