@@ -256,6 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="train with this train.seed (path/LoRA init, data order, noise) instead of the "
                              "recipe's; the run folder gets a -seedN suffix")
+    parser.add_argument("--estimate", default="expected", choices=("expected", "argmax", "sample"),
+                        help="the velocity's clean-latent estimate when scoring L2D (generate's `estimate`)")
     parser.add_argument("--no-loss", action="store_true",
                         help="skip the teacher-forced loss by t (the slow part of scoring)")
     parser.add_argument("--demo", default="runs/demo", help="the demo's folder (the LoRA the onlora-* runs stack on)")
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
             PositionGate().attach(model)
         lora = name.startswith("lora")
         rows = evaluate(model, tok, val_task, [0] if lora else steps_list, solver=args.solver, method=name,
-                        batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat")
+                        batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat",
+                        **({} if lora else {"estimate": args.estimate}))
         acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}
         # (the answer-only LoRA's gate needs labels for a teacher-forced loss: none reported)
         val_loss = loss_by_t(model, tok, val_task, times=() if answer_only or args.no_loss
@@ -325,7 +328,8 @@ def main(argv=None) -> int:
         record = {"setting": name, "overrides": SETTINGS[name] + seed, "train_steps": trained_steps,
                   "final_loss": summary.get("loss"), "train_s": seconds, "val_accuracy": acc,
                   "val_loss_by_t": val_loss,
-                  "n": len(val_task), "solver": args.solver, "seed": args.seed}
+                  "n": len(val_task), "solver": args.solver, "seed": args.seed,
+                  "estimate": None if lora else args.estimate}
         with open(out / ("rescored.jsonl" if args.eval_only else "results.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
