@@ -148,16 +148,16 @@ def optimizer_groups(model, recipe: Recipe) -> list[dict]:
     t = recipe.train
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     scales = lr_scales(recipe)
-    groups = []
-    for part, scale in scales.items():
-        for up in (False, True) if t.loraplus_lr_ratio != 1 else (None,):  # (one rate: groups as before)
-            for decay in (True, False):
-                ps = [p for n, p in named if (part_of(n) if recipe.method == "l2d" else "deltas") == part
-                      and up in (None, is_up_projection(n)) and (p.dim() >= 2) == decay]
-                if ps:
-                    groups.append({"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
-                                   "lr_scale": scale * (t.loraplus_lr_ratio if up else 1.0)})
-    return groups
+    split_up = t.loraplus_lr_ratio != 1  # (one rate: the groups of earlier checkpoints, which still resume)
+    buckets = {}  # (part, is B, decayed) -> params
+    for n, p in named:
+        part = part_of(n) if recipe.method == "l2d" else "deltas"
+        buckets.setdefault((part, split_up and is_up_projection(n), p.dim() >= 2), []).append(p)
+    order = list(scales)  # groups in a fixed order: part, then A before B, then decayed first
+    return [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
+             "lr_scale": scales[part] * (t.loraplus_lr_ratio if up else 1.0)}
+            for (part, up, decay), ps in sorted(buckets.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1],
+                                                                                   not kv[0][2]))]
 
 
 def base_fingerprint(base) -> dict:
