@@ -30,6 +30,10 @@ RAMP_HEAD0 = MAIN_RAMP + ["train.head_lr_scale=0.0"]  # conditioning heads froze
 OPEN_HEAD0 = MAIN + ["l2d.merge_init=open", "train.head_lr_scale=0.0"]  # the new defaults
 ADAPTED = OPEN_HEAD0 + ["l2d.context=adapted"]       # the SmolLM2 recipe's path
 RECIPE = ADAPTED + ["train.encoder_lr_scale=0.1", "l2d.stream_layers=8", "l2d.self_conditioning=0.0"]  # the recipe's now
+RECIPE_LP4 = RECIPE + ["train.loraplus_lr_ratio=4"]
+# the recipe's data source, as a YAML mapping missing its closing brace (for `n`)
+ARITH = ("{name: 'rg:basic_arithmetic', seed: 0, generator_kwargs: {min_terms: 2, max_terms: 2, min_digits: 1, "
+         "max_digits: 2, operators: ['+', '-'], allow_negation: false}")
 ONLORA = ["model.name_or_path=runs/demo/lora-merged"]
 LORA_QO_MLP = ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"]
 SETTINGS = {
@@ -89,6 +93,15 @@ SETTINGS = {
     "recipe-loraplus4": RECIPE + ["train.loraplus_lr_ratio=4"],
     "recipe-loraplus16": RECIPE + ["train.loraplus_lr_ratio=16"],
     "recipe-loraplus4-r64": RECIPE + ["train.loraplus_lr_ratio=4", "l2d.rank=64", "l2d.alpha=64"],
+    # what was left of issue 7's list, on the recipe with LoRA+ 4 (the recipe as it now is)
+    "recipe-lp4-pca": RECIPE_LP4 + ["l2d.latent_init=pca"],
+    "recipe-lp4-centered": RECIPE_LP4 + ["l2d.latent_init=centered"],
+    "recipe-lp4-late": RECIPE_LP4 + ["l2d.loss_weighting=late"],
+    "recipe-lp4-early": RECIPE_LP4 + ["l2d.loss_weighting=early"],
+    "recipe-lp4-warmup0": RECIPE_LP4 + ["train.warmup_steps=0"],
+    "recipe-lp4-warmup30": RECIPE_LP4 + ["train.warmup_steps=30"],
+    "recipe-lp4-n1000": RECIPE_LP4 + [f"data.sources=[{ARITH}, n: 1000}}]"],  # 2.6 epochs in 80 steps
+    "recipe-lp4-mix": RECIPE_LP4 + [f"data.sources=[{ARITH}, n: 4000}}, {{name: 'rg:chain_sum', n: 2000, seed: 0}}]"],
     "main-open-head0-enc0-lr3e-3": OPEN_HEAD0 + ["train.encoder_lr_scale=0.0", "train.lr=3e-3"],
     "main-open-head0-lr3e-3-enc0.33": OPEN_HEAD0 + ["train.lr=3e-3", "train.encoder_lr_scale=0.33"],
     # L2D on top of the demo's LoRA (80 steps, merged: `make demo` writes runs/demo/lora-merged);

@@ -14,6 +14,8 @@ STREAM_INITS = ("encoder", "main")
 MERGE_INITS = ("zero", "ramp", "open")
 ENCODER_INPUTS = ("scaled", "denoised")
 CONTEXTS = ("frozen", "adapted")
+LATENT_INITS = ("random", "centered", "pca")
+LOSS_WEIGHTINGS = ("none", "late", "early")
 DEFAULT_CLASSES = ("math", "code", "general", "other")
 
 
@@ -24,6 +26,16 @@ class L2DConfig:
     Args:
         latent_dim: Size ``d`` of the latent token space. Each token's latent is
             ``z(y) = sqrt(d) * phi(E[y]) / ||phi(E[y])||``.
+        latent_init: How the latent map ``phi`` (a ``d x H`` matrix, no bias) starts. ``random``
+            (default, the paper's): PyTorch's default init. Its latents share the projection of the
+            mean embedding ``mu``, which can dominate: on SmolLM2-135M two random tokens' latents have
+            cosine 0.46 on average, so about half of each latent's squared norm carries no token
+            identity. ``centered``: the same random rows with ``mu``'s direction projected out, so
+            ``phi(E_y) = phi(E_y - mu)`` (mean cosine 0). ``pca``: the top ``d`` principal directions
+            of the centred embedding table (eigenvectors of ``(E - mu)^T (E - mu)``), ``mu``'s direction
+            projected out as well; rows beyond the hidden size stay random (centred). Both keep the
+            random rows' norm, so ``phi``'s learning rate means the same. Applied when a path is
+            created (``get_l2d_model``), not when a saved one is loaded.
         sigma: Scale of the noise at ``t=0``: ``x_t = t z + (1 - t) sigma eps``.
         schedule: Distribution of training timesteps, one per token position:
             ``cosmap`` (``t = 1 - 1 / (tan(pi u / 2) + 1)``), ``uniform`` or ``logit_normal``.
@@ -39,6 +51,13 @@ class L2DConfig:
         class_dropout: Probability of replacing the class label by the null class in training.
         self_conditioning: Probability, per training step, of a first no-grad pass whose expected
             latent ``softmax(logits) @ Z`` feeds the second pass as ``z_hat``. 0 disables it.
+        loss_weighting: Weight ``w(t)`` of each supervised token's cross-entropy in training,
+            ``loss = sum_i w(t_i) CE_i / N``: ``none`` (default): 1; ``late``: ``2 t`` (tokens whose
+            latent is readable count more); ``early``: ``2 (1 - t)`` (the noisy tokens, what the first
+            solver step sees, count more). Both have mean 1 under the symmetric schedules (cosmap,
+            uniform, logit-normal with mean 0), so the loss keeps its scale and gradient accumulation
+            still normalises by the token count. In ``eval()`` mode the loss is the plain mean, so
+            validation losses compare across weightings.
         kv_rank: Rank of low-rank deltas on the keys and values the path reads (0, the default
             and the paper's: the main path's cached K/V as they are). With ``r > 0`` layer ``l``'s
             path attends to ``K + rot(dK x)`` and ``V + dV x``, ``x`` being what the main path's
@@ -109,6 +128,7 @@ class L2DConfig:
     """
 
     latent_dim: int = field(default=256, metadata={"help": "Size d of the latent token space."})
+    latent_init: str = field(default="random", metadata={"help": f"Latent map init: {LATENT_INITS}."})
     sigma: float = field(default=64.0, metadata={"help": "Noise scale at t=0."})
     schedule: str = field(default="cosmap", metadata={"help": f"Training timestep schedule: {SCHEDULES}."})
     logit_normal_mean: float = field(default=0.0, metadata={"help": "Mean for logit_normal."})
@@ -121,6 +141,7 @@ class L2DConfig:
     class_names: tuple = field(default=DEFAULT_CLASSES, metadata={"help": "Task categories."})
     class_dropout: float = field(default=0.2, metadata={"help": "Null-class probability in training."})
     self_conditioning: float = field(default=0.5, metadata={"help": "Self-conditioning probability."})
+    loss_weighting: str = field(default="none", metadata={"help": f"Training loss weight over t: {LOSS_WEIGHTINGS}."})
     kv_rank: int = field(default=0, metadata={"help": "Rank of the key/value deltas (0: none)."})
     encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
     stream_init: str = field(default="main", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
@@ -142,6 +163,8 @@ class L2DConfig:
         """Raise a ValueError naming the first field that is out of range."""
         checks = [
             (self.latent_dim > 0, "latent_dim must be a positive integer"),
+            (self.latent_init in LATENT_INITS,
+             f"latent_init must be one of {LATENT_INITS}, got {self.latent_init!r}"),
             (self.sigma > 0, "sigma must be positive"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.logit_normal_std > 0, "logit_normal_std must be positive"),
@@ -152,6 +175,8 @@ class L2DConfig:
              "cond_dim must be positive and time_features a positive even number"),
             (0.0 <= self.class_dropout <= 1.0, "class_dropout must lie in [0, 1]"),
             (0.0 <= self.self_conditioning <= 1.0, "self_conditioning must lie in [0, 1]"),
+            (self.loss_weighting in LOSS_WEIGHTINGS,
+             f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}"),
             (self.encoder_hidden >= 0, "encoder_hidden must be >= 0"),
             (self.kv_rank >= 0, "kv_rank must be >= 0"),
             (self.stream_init in STREAM_INITS,

@@ -26,6 +26,34 @@ class LatentMap(nn.Module):
         u = self.phi(embeddings.to(self.phi.weight.dtype))
         return l2d_kernels.latent_normalize(u)
 
+    @torch.no_grad()
+    def init_from_embeddings(self, embedding_weight: torch.Tensor, how: str = "pca") -> None:
+        r"""Start ``phi`` from the frozen embedding table ``E`` [V, H] (see ``L2DConfig.latent_init``).
+
+        ``centered``: the current rows with the mean embedding's direction ``u = mu / |mu|``
+        projected out, ``W <- W (I - u u^T)``, so ``W E_y = W (E_y - mu)``. ``pca``: rows = the
+        top principal directions of ``E - mu`` (largest eigenvalue first), then the same projection;
+        rows beyond ``H`` keep their (projected) random values. Rows keep the random init's norm.
+        """
+        if how not in ("centered", "pca"):
+            raise ValueError(f"unknown latent init {how!r}; expected 'centered' or 'pca'")
+        W = self.phi.weight
+        E = embedding_weight.detach().float().to(W.device)
+        mu = E.mean(0)
+        rows = W.float().clone()
+        scale = rows.norm(dim=1).mean()
+        if how == "pca":
+            centred = E - mu
+            # eigh of the H x H covariance: cheaper than an SVD of the V x H table for V >> H
+            _, vectors = torch.linalg.eigh(centred.T @ centred)
+            k = min(W.shape[0], vectors.shape[1])
+            rows[:k] = vectors[:, -k:].flip(1).T * scale
+        if mu.norm() > 0:
+            u = mu / mu.norm()
+            rows = rows - (rows @ u)[:, None] * u[None]
+            rows = rows * (scale / rows.norm(dim=1, keepdim=True).clamp(min=1e-12))
+        W.copy_(rows.to(W.dtype))
+
     def table(self, embedding_weight: torch.Tensor) -> torch.Tensor:
         """The ``V x d`` table of all latents (build once per step or per generate call)."""
         return self(embedding_weight)
@@ -64,6 +92,21 @@ def sample_timesteps(shape, schedule: str, device=None, generator=None, mean: fl
         n = torch.randn(shape, device=device, generator=generator) * std + mean
         return torch.sigmoid(n)
     raise ValueError(f"unknown schedule {schedule!r}; expected 'cosmap', 'uniform' or 'logit_normal'")
+
+
+def loss_weights(t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-token training loss weight ``w(t)``: ``none`` 1, ``late`` ``2t``, ``early`` ``2(1 - t)``.
+
+    Both non-trivial weights integrate to 1 over ``t ~ U(0, 1)`` and under any schedule symmetric
+    about ``t = 1/2`` (cosmap, logit-normal with mean 0), so the loss keeps its scale.
+    """
+    if weighting == "none":
+        return torch.ones_like(t, dtype=torch.float32)
+    if weighting == "late":
+        return 2 * t.float()
+    if weighting == "early":
+        return 2 * (1 - t.float())
+    raise ValueError(f"unknown loss weighting {weighting!r}; expected 'none', 'late' or 'early'")
 
 
 def time_grid(steps: int, spacing: str = "uniform", device=None) -> torch.Tensor:

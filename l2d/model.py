@@ -21,7 +21,7 @@ import l2d_kernels
 from . import __version__
 from .arch import ArchAdapter
 from .config import CONFIG_NAME, WEIGHTS_NAME, L2DConfig
-from .latent import add_noise, sample_timesteps
+from .latent import add_noise, loss_weights, sample_timesteps
 from .path import DiffusionPath, StreamContext
 
 IGNORE_INDEX = -100
@@ -62,10 +62,11 @@ class L2DModel(nn.Module):
     """A frozen base ``*ForCausalLM`` plus a trainable :class:`DiffusionPath`.
 
     The base keeps ``requires_grad=False`` and ``eval()`` mode for good (the path reuses modules
-    that hold dropout). Only ``self.path`` is trained and saved.
+    that hold dropout). Only ``self.path`` is trained and saved. ``init_weights=False`` skips the
+    data-dependent init (``config.latent_init``) for a path whose weights are loaded next.
     """
 
-    def __init__(self, base_model: nn.Module, config: L2DConfig | None = None):
+    def __init__(self, base_model: nn.Module, config: L2DConfig | None = None, init_weights: bool = True):
         super().__init__()
         config = config or L2DConfig()
         self.arch = ArchAdapter(base_model)   # raises for unsupported families, before any work
@@ -77,6 +78,8 @@ class L2DModel(nn.Module):
         base_model.eval()
         device = base_model.get_input_embeddings().weight.device
         self.path = DiffusionPath(self.arch, config).to(device)
+        if init_weights and config.latent_init != "random":  # (from_pretrained loads the weights instead)
+            self.path.latent.init_from_embeddings(base_model.get_input_embeddings().weight, config.latent_init)
         self._disabled = False
         self.gradient_checkpointing = False
 
@@ -313,7 +316,8 @@ class L2DModel(nn.Module):
             noise: optional ``eps`` [B, T, d] (for reproducible tests).
             self_conditioning: force the self-conditioning pass on/off (default: with probability
                 ``config.self_conditioning`` in training, off in eval).
-            reduction: ``mean`` over supervised tokens, or ``sum`` (for exact gradient accumulation).
+            reduction: ``mean`` over supervised tokens, ``sum`` (for exact gradient accumulation),
+                or ``none`` (one loss per supervised token, in packed order).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -379,9 +383,15 @@ class L2DModel(nn.Module):
         if labels is not None:
             sup = query_targets != IGNORE_INDEX
             num_tokens = sup.sum()
-            loss = self.head_loss(h[sup], query_targets[sup], reduction=reduction)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite L2D loss ({loss.item()}); check the learning rate "
+            if self.training and self.config.loss_weighting != "none":
+                ce = self.head_loss(h[sup], query_targets[sup], reduction="none")
+                loss = loss_weights(t_q[sup], self.config.loss_weighting) * ce
+                if reduction != "none":
+                    loss = loss.sum() / (num_tokens.clamp(min=1) if reduction == "mean" else 1)
+            else:
+                loss = self.head_loss(h[sup], query_targets[sup], reduction=reduction)
+            if not bool(torch.isfinite(loss).all()):
+                raise FloatingPointError(f"non-finite L2D loss ({loss.sum().item()}); check the learning rate "
                                          "and the inputs (fp16 overflow?).")
         logits = self.head_logits(h) if all_positions and (labels is None or output_logits) else None
         return L2DOutput(loss=loss, logits=logits, num_tokens=num_tokens, t=t_q)
@@ -449,7 +459,7 @@ class L2DModel(nn.Module):
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise ValueError(f"{weights} could not be read as safetensors ({e}); the file is corrupt "
                              "or truncated: re-save or re-download the adapter.") from e
-        model = cls(base_model, config)
+        model = cls(base_model, config, init_weights=False)
         expected = model.path.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
