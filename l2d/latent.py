@@ -38,14 +38,21 @@ class LatentMap(nn.Module):
         if how not in ("centered", "pca"):
             raise ValueError(f"unknown latent init {how!r}; expected 'centered' or 'pca'")
         W = self.phi.weight
-        E = embedding_weight.detach().float().to(W.device)
-        mu = E.mean(0)
-        rows = W.float().clone()
+        E = embedding_weight.detach()
+        # sums over row chunks, so a large vocabulary is never copied whole in float32
+        total = torch.zeros(E.shape[1], dtype=torch.float64, device=E.device)
+        gram = torch.zeros(E.shape[1], E.shape[1], dtype=torch.float64, device=E.device) if how == "pca" else None
+        for chunk in E.split(65536):
+            chunk = chunk.float()
+            total += chunk.sum(0, dtype=torch.float64)
+            if gram is not None:
+                gram += (chunk.T @ chunk).double()
+        mu = (total / E.shape[0]).to(W.device)
+        rows = W.detach().double().clone()
         scale = rows.norm(dim=1).mean()
-        if how == "pca":
-            centred = E - mu
-            # eigh of the H x H covariance: cheaper than an SVD of the V x H table for V >> H
-            _, vectors = torch.linalg.eigh(centred.T @ centred)
+        if gram is not None:
+            # eigh of the H x H covariance (E - mu)^T (E - mu) = E^T E - V mu mu^T: no SVD of the V x H table
+            _, vectors = torch.linalg.eigh(gram.to(W.device) - E.shape[0] * torch.outer(mu, mu))
             k = min(W.shape[0], vectors.shape[1])
             rows[:k] = vectors[:, -k:].flip(1).T * scale
         if mu.norm() > 0:
