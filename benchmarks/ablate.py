@@ -98,6 +98,7 @@ SETTINGS = {
     "recipe-lp4-centered": RECIPE_LP4 + ["l2d.latent_init=centered"],
     "recipe-lp4-late": RECIPE_LP4 + ["l2d.loss_weighting=late"],
     "recipe-lp4-early": RECIPE_LP4 + ["l2d.loss_weighting=early"],
+    "recipe-lp4-late-enc1": RECIPE_LP4 + ["l2d.loss_weighting=late", "train.encoder_lr_scale=1.0"],
     "recipe-lp4-warmup0": RECIPE_LP4 + ["train.warmup_steps=0"],
     "recipe-lp4-warmup30": RECIPE_LP4 + ["train.warmup_steps=30"],
     "recipe-lp4-n1000": RECIPE_LP4 + [f"data.sources=[{ARITH}, n: 1000}}]"],  # 2.6 epochs in 80 steps

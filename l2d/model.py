@@ -335,6 +335,8 @@ class L2DModel(nn.Module):
                 tgt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
                 loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction=reduction)
+                if reduction == "none":  # supervised tokens only, as the path's branch returns them
+                    loss = loss[tgt.flatten() != IGNORE_INDEX]
             return L2DOutput(loss=loss, logits=logits)
 
         all_positions = labels is None or bool(output_logits)
