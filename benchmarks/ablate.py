@@ -90,9 +90,9 @@ SETTINGS = {
     # LoRA+: the B of every low-rank delta at a higher rate than A (`train.loraplus_lr_ratio`), for the
     # recipe's path and for the LoRA baseline alike
     "recipe": RECIPE,
-    "recipe-loraplus4": RECIPE + ["train.loraplus_lr_ratio=4"],
+    "recipe-loraplus4": RECIPE_LP4,
     "recipe-loraplus16": RECIPE + ["train.loraplus_lr_ratio=16"],
-    "recipe-loraplus4-r64": RECIPE + ["train.loraplus_lr_ratio=4", "l2d.rank=64", "l2d.alpha=64"],
+    "recipe-loraplus4-r64": RECIPE_LP4 + ["l2d.rank=64", "l2d.alpha=64"],
     # what was left of issue 7's list, on the recipe with LoRA+ 4 (the recipe as it now is)
     "recipe-lp4-pca": RECIPE_LP4 + ["l2d.latent_init=pca"],
     "recipe-lp4-centered": RECIPE_LP4 + ["l2d.latent_init=centered"],

@@ -194,18 +194,26 @@ def batch_loss(model, method: str, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int(supervised.sum())
 
 
-def _recipe_view(d: dict) -> dict:
-    from .recipe import TrainSection
-
+def _resume_values(d: dict) -> dict:
+    """The values at :data:`_RESUME_KEYS` of a recipe dict (None where it has none)."""
     out = {}
     for key in _RESUME_KEYS:
         node = d
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        section, _, name = key.partition(".")
-        if node is None and section == "train" and hasattr(TrainSection, name):
-            node = getattr(TrainSection, name)  # a key newer than the checkpoint: it ran at the default
         out[key] = node
+    return out
+
+
+def _recipe_view(d: dict) -> dict:
+    """What must match for a resume. Keys a checkpoint's recipe predates (a field added to a section
+    since) read as today's defaults, which the run used, so older checkpoints still resume."""
+    out, saved = {}, _resume_values(d)
+    for key, default in _resume_values(Recipe().to_dict()).items():
+        value = saved[key]
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = {**default, **value}
+        out[key] = default if value is None else value
     if d.get("method") != "lora":
         out.pop("lora")
     return out
