@@ -254,10 +254,11 @@ class L2DModel(nn.Module):
         return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(previous, new)]
 
     def stream_context(self, main: MainPathState, query_index: torch.Tensor, kv_deltas=None,
-                       context: DynamicCache | None = None) -> StreamContext:
+                       context: DynamicCache | None = None, rows: torch.Tensor | None = None) -> StreamContext:
         """What the blocks read for ``query_index``; ``kv_deltas`` default to those of ``main``'s
         own positions (the whole sequence in a teacher-forced forward). ``context``: the cache of
-        :meth:`run_context_pass` (``context="adapted"``), read instead of the main path's."""
+        :meth:`run_context_pass` (``context="adapted"``), read instead of the main path's.
+        ``rows``: run the stream on these flat query slots only (see :class:`StreamContext`)."""
         if self.config.context == "adapted" and context is None:
             raise ValueError("context='adapted' reads the keys/values of run_context_pass; pass its cache as context=.")
         cache = main.cache if context is None else context
@@ -272,7 +273,7 @@ class L2DModel(nn.Module):
             raise ValueError(f"kv_deltas cover {kv_deltas[0][0].shape[2]} positions, the cache {keys[0].shape[2]}: "
                              "pass the deltas of every position (model.kv_deltas(main, previous)).")
         return StreamContext(keys, values, query_index, pos.gather(1, query_index), main.attention_mask, self.dtype,
-                             kv_deltas)
+                             kv_deltas, rows)
 
     # --- the head ------------------------------------------------------------------------------
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -306,8 +307,9 @@ class L2DModel(nn.Module):
         """Teacher-forced forward: position ``i`` predicts token ``i+1`` from its noisy latent.
 
         With ``labels`` the path runs only at supervised positions (diffusion positions never see
-        each other, so the loss is the same as running everywhere) and ``logits`` is None unless
-        ``output_logits=True``. Without labels it runs at every position, the targets being the
+        each other, so the loss is the same as running everywhere), all N of the batch as one row
+        list, so its cost follows N rather than batch size x longest response; ``logits`` is None
+        unless ``output_logits=True``. Without labels it runs at every position, the targets being the
         next input tokens; the last position has none and sees pure noise scaled for its ``t``.
 
         Args:
@@ -348,6 +350,9 @@ class L2DModel(nn.Module):
         else:
             query_index, query_targets = _pack_supervised(targets)
 
+        # Packed supervised queries: the stream runs on the N supervised rows alone, not on the
+        # [B, Tq] slots padded to the longest response (identical results, less work).
+        rows = None if all_positions else (query_targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)
         t_q = self._timesteps(t, B, T, query_index)
         z = self.path.latent.lookup(self.base_model.get_input_embeddings().weight, query_targets.clamp(min=0))
         z = z * (query_targets != IGNORE_INDEX).unsqueeze(-1)  # no target: the input is pure noise
@@ -356,7 +361,7 @@ class L2DModel(nn.Module):
         x_t = add_noise(z, t_q, self.config.sigma, noise)
 
         context = None
-        if self.config.context == "adapted" and not all_positions and self._merge_passes_stream(t_q):
+        if self.config.context == "adapted" and not all_positions and self._merge_passes_stream(t_q.flatten()[rows]):
             # The merge passes h_f through as it is, so the frozen main pass (a third of an adapted
             # step) is skipped; its hidden states stand in as zeros: 0 + 1 * (h_f - 0) = h_f exactly.
             position_ids = positions_from_mask(attention_mask) if position_ids is None else position_ids
@@ -367,18 +372,21 @@ class L2DModel(nn.Module):
             main = self.run_main_path(input_ids, attention_mask, position_ids)
             if self.config.context == "adapted":
                 context, main.stream_input = self._context_pass(input_ids, attention_mask, main.position_ids)
-        ctx = self.stream_context(main, query_index, context=context)
+        ctx = self.stream_context(main, query_index, context=context, rows=rows)
         at_queries = query_index.unsqueeze(-1).expand(-1, -1, main.hidden.shape[-1])
-        h_main = main.hidden.gather(1, at_queries)
-        h_start = None if main.stream_input is None else main.stream_input.gather(1, at_queries)
+        h_main = ctx.select_rows(main.hidden.gather(1, at_queries))
+        h_start = None if main.stream_input is None else ctx.select_rows(main.stream_input.gather(1, at_queries))
+        x_t, t_rows, query_targets = ctx.select_rows(x_t), ctx.select_rows(t_q), ctx.select_rows(query_targets)
+        if rows is not None:
+            cls = ctx.select_rows(cls.unsqueeze(1).expand_as(query_index))
         z_hat = torch.zeros_like(x_t)
         use_sc = self_conditioning if self_conditioning is not None else (
             self.training and torch.rand(()) < self.config.self_conditioning)
         if use_sc:
             with torch.no_grad():
-                h_first = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls, h_start=h_start)
+                h_first = self.path(self.arch, ctx, h_main, x_t, t_rows, z_hat, cls, h_start=h_start)
                 z_hat = self.expected_latent(h_first, self.latent_table())
-        h = self.path(self.arch, ctx, h_main, x_t, t_q, z_hat, cls, checkpoint=self.gradient_checkpointing,
+        h = self.path(self.arch, ctx, h_main, x_t, t_rows, z_hat, cls, checkpoint=self.gradient_checkpointing,
                       h_start=h_start)
 
         loss = num_tokens = None
@@ -387,7 +395,7 @@ class L2DModel(nn.Module):
             num_tokens = sup.sum()
             if self.training and self.config.loss_weighting != "none":
                 ce = self.head_loss(h[sup], query_targets[sup], reduction="none")
-                loss = loss_weights(t_q[sup], self.config.loss_weighting) * ce
+                loss = loss_weights(t_rows[sup], self.config.loss_weighting) * ce
                 if reduction != "none":
                     loss = loss.sum() / (num_tokens.clamp(min=1) if reduction == "mean" else 1)
             else:

@@ -184,10 +184,12 @@ class Conditioning(nn.Module):
         self.null_class = config.num_classes
 
     def forward(self, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """t: [B, Tq] in [0, 1]; class_labels: [B] (null class for none). Returns [B, Tq, cond_dim]."""
+        """t: [B, Tq] in [0, 1]; class_labels: [B] (null class for none), or one per query [B, Tq].
+        Returns [B, Tq, cond_dim]."""
         dtype = self.time_mlp[0].weight.dtype
         c = self.time_mlp(sinusoidal(t.clamp(0.0, 1.0), self.time_features).to(dtype))
-        return c + self.class_embedding(class_labels).unsqueeze(1)
+        labels = self.class_embedding(class_labels)
+        return c + (labels if class_labels.dim() == t.dim() else labels.unsqueeze(1))
 
 
 class InputEncoder(nn.Module):
@@ -291,7 +293,9 @@ class DiffusionBlock(nn.Module):
         q = arch.query_projection(i, x) + self.q_delta(a).to(ctx.dtype)
         q = arch.apply_rotary(i, arch.shape_queries(i, q), ctx.rotary(arch, i, x))
         k, v = ctx.keys[i], ctx.values[i]
-        out = attend(q, k, v, ctx.mask(arch.sliding_window(i)), arch.attn_scale(i), arch.attn_softcap(i))
+        out = attend(ctx.to_sequences(q), k, v, ctx.mask(arch.sliding_window(i)), arch.attn_scale(i),
+                     arch.attn_softcap(i))
+        out = ctx.to_rows(out)
         out = out.transpose(1, 2).reshape(*a.shape[:-1], -1)
         return arch.o_module(i)(out) + self.o_delta(out).to(out.dtype)
 
@@ -327,18 +331,45 @@ class StreamContext:
     keys/values: per layer [B, kv_heads, T, head_dim], post-rotary, from the main path's cache.
     query_index: [B, Tq] index of each query in the sequence; query_position: its rotary position.
     key_mask: [B, T] bool, the main path's attention mask.
+    rows: optional [N] indices into the flattened [B * Tq] query slots. With it the stream runs on
+        those N rows alone, as one [1, N, ...] batch (the supervised queries of a batch whose rows
+        hold different numbers of them: no work on padding slots); only attention regroups them
+        by sequence (:meth:`to_sequences`, :meth:`to_rows`). ``query_position`` is then [1, N].
     """
 
-    def __init__(self, keys, values, query_index, query_position, key_mask, dtype, kv_deltas=None):
+    def __init__(self, keys, values, query_index, query_position, key_mask, dtype, kv_deltas=None, rows=None):
         if kv_deltas is not None:  # the path's own reading of the context: K + dK, V + dV
             keys = [k + dk.to(k.dtype) for k, (dk, _) in zip(keys, kv_deltas)]
             values = [v + dv.to(v.dtype) for v, (_, dv) in zip(values, kv_deltas)]
         self.keys, self.values = keys, values
         self.query_index = query_index
-        self.query_position = query_position
+        self.rows = rows
+        self.query_position = query_position if rows is None else self.select_rows(query_position)
         self.key_mask = key_mask
         self.dtype = dtype
         self._masks, self._rotary = {}, {}
+
+    def select_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Tq, ...] -> [1, N, ...]: the query slots in ``rows`` (unchanged without rows)."""
+        if self.rows is None:
+            return x
+        return x.flatten(0, 1).index_select(0, self.rows).unsqueeze(0)
+
+    def to_sequences(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [1, h, N, d] -> [B, h, Tq, d], each row in its sequence's slot (zeros elsewhere)."""
+        if self.rows is None:
+            return q
+        B, Tq = self.query_index.shape
+        slots = q.new_zeros(B * Tq, q.shape[1], q.shape[3])
+        slots = slots.index_copy(0, self.rows, q[0].transpose(0, 1))
+        return slots.view(B, Tq, q.shape[1], q.shape[3]).transpose(1, 2)
+
+    def to_rows(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention outputs [B, h, Tq, d] -> [1, h, N, d] (inverse of :meth:`to_sequences`)."""
+        if self.rows is None:
+            return out
+        B, h, Tq, d = out.shape
+        return out.transpose(1, 2).reshape(B * Tq, h, d).index_select(0, self.rows).transpose(0, 1).unsqueeze(0)
 
     def mask(self, window):
         if window not in self._masks:
@@ -467,7 +498,7 @@ class DiffusionPath(nn.Module):
         """Merged last hidden state ``h`` [B, Tq, H] (before the frozen final norm).
 
         h_main: [B, Tq, H] main path's last hidden states at the query positions.
-        x_t, z_hat: [B, Tq, d]; t: [B, Tq]; class_labels: [B] (null class allowed).
+        x_t, z_hat: [B, Tq, d]; t: [B, Tq]; class_labels: [B] (null class allowed) or [B, Tq].
         h_start: [B, Tq, H] what the stream's first layer (``stream_start``) receives there in the
             main path, or in the adapted context pass (needed when ``stream_init="main"``).
         cond: precomputed :meth:`time_conditioning` (then ``t`` and ``class_labels`` are not read).
