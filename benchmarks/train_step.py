@@ -27,52 +27,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import math
-import os
 import statistics
-import threading
 import time
 
 import torch
 
 from l2d import L2DConfig, get_l2d_model
+from l2d.bench import PeakRSS
 from l2d.pretrained import load_smollm2
 from l2d.train import batch_loss, freeze_parts
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """Peak RSS above the value at entry, sampled by a background thread."""
-
-    def __enter__(self):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = self.peak = rss()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._thread.join()
-        self.peak = max(self.peak, rss())
-        self.delta = self.peak - self.base
-
 
 def recipe_batch(path: str = "recipes/smollm2-135m/arithmetic.yaml", size: int = 32) -> dict:
     """The first ``size`` examples of a recipe's data through l2d's own pipeline (chat template,

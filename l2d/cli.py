@@ -4,6 +4,7 @@ that builds its parser and sets `func`; `COMMANDS` lists them in the order `--he
     l2d train RECIPE.yaml [--set train.lr=5e-5 ...] [--resume DIR] [--stop-after N]
     l2d generate ADAPTER --prompt "What is 12 + 30?" --steps 8
     l2d eval ADAPTER --task gsm8k --steps 0,2,4,8,16 --plot steps.png
+    l2d bench RECIPE.yaml [--batch 4 --seq-len 256 --response 0.5] [--methods l2d,lora]
 """
 from __future__ import annotations
 
@@ -57,20 +58,6 @@ def add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an output_dir that already holds checkpoints (they are deleted)")
     p.set_defaults(func=run_train)
-
-
-# ------------------------------------------------------------------------ not implemented yet
-def _stub(name: str, text: str):
-    def add(sub) -> None:
-        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args: _not_implemented(name))
-    return add
-
-
-def _not_implemented(name: str) -> int:
-    print(f"l2d {name}: not implemented yet.", file=sys.stderr)
-    return 2
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -134,7 +121,60 @@ def add_generate(sub) -> None:
 
 
 from .eval.command import add_eval_parser as add_eval  # noqa: E402  (l2d eval lives in l2d/eval/command.py)
-add_bench = _stub("bench", "benchmark training and generation speed")
+
+
+# ------------------------------------------------------------------------------------- bench
+def run_bench(args) -> int:
+    import json
+
+    from .bench import format_table, run_bench as bench
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    result = bench(recipe, methods=[m.strip() for m in args.methods.split(",") if m.strip()], batch=args.batch,
+                   seq_len=args.seq_len, response=args.response, use_data=args.data, repeats=args.repeats,
+                   warmup=args.warmup, device=args.device, flops=not args.no_flops, memory=not args.no_memory)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="time a recipe's training step: L2D against its LoRA (and full) baseline, side by side",
+        description="Benchmark the training step of a recipe on this machine: forward, backward and AdamW step of "
+                    "one micro-batch, with the recipe's base, dtype, mixed precision, frozen parts and gradient "
+                    "checkpointing, for each method. Prints step time (median of --repeats), tokens/s, peak "
+                    "memory above the step's start (CUDA allocator, or sampled RSS on the CPU), matmul GFLOPs, "
+                    "and ratios against LoRA. L2D is timed without and with its self-conditioning pass, and "
+                    "their mix at the config's probability is the step training takes on average.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  l2d bench recipes/smollm2-135m/arithmetic.yaml --batch 4 --seq-len 256 --response 0.5\n"
+               "  l2d bench recipes/llama-3.2-1b/math-code.yaml --data --batch 8 --methods l2d,lora,full")
+    p.add_argument("recipe", help="path of the YAML recipe whose model, l2d/lora sections and train settings to use")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field as in `l2d train` (repeatable), e.g. --set l2d.stream_layers=8")
+    p.add_argument("--methods", default="l2d,lora",
+                   help="comma-separated methods to run, in order: l2d, lora, full (default l2d,lora)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per synthetic sequence (default 256; ignored with --data)")
+    p.add_argument("--response", type=float, default=0.5,
+                   help="supervised fraction at the end of each synthetic sequence, in (0, 1] (default 0.5; "
+                        "the path's cost grows with it, LoRA's barely)")
+    p.add_argument("--data", action="store_true",
+                   help="use the first --batch examples of the recipe's own data instead of random tokens")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant; the median is reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps per variant first (they also create the optimizer state; default 1)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--no-flops", action="store_true", help="skip the extra step that counts matmul FLOPs")
+    p.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
+    p.add_argument("--json", metavar="PATH", help="also write the results (every timed step) as JSON")
+    p.set_defaults(func=run_bench)
+
 
 COMMANDS = [add_train, add_generate, add_eval, add_bench]
 

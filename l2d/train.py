@@ -70,6 +70,18 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def load_recipe_base(recipe: Recipe):
+    """``(base, tokenizer)`` of the recipe's ``model`` section (name, dtype, revision, attention
+    implementation, remote code), through :func:`l2d.pretrained.load_base`."""
+    from .pretrained import load_base
+
+    m = recipe.model
+    kw = {k: v for k, v in (("revision", m.revision), ("attn_implementation", m.attn_implementation)) if v}
+    if m.trust_remote_code:
+        kw["trust_remote_code"] = True
+    return load_base(m.name_or_path, dtype=_dtype(m.dtype), **kw)
+
+
 def build_model(recipe: Recipe, base):
     """The trainable model for `recipe.method`: L2D path, peft LoRA of the base, or the whole base."""
     if recipe.method == "l2d":
@@ -288,8 +300,6 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    from .pretrained import load_base
-
     t = recipe.train
     # Several processes and no GPU (torchrun on a CPU machine): accelerate wants cpu=True for gloo DDP.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -322,11 +332,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
 
     # --- base, data, model -------------------------------------------------------------------
     set_seed(t.seed)
-    m = recipe.model
-    kw = {k: v for k, v in (("revision", m.revision), ("attn_implementation", m.attn_implementation)) if v}
-    if m.trust_remote_code:
-        kw["trust_remote_code"] = True
-    base, tokenizer = load_base(m.name_or_path, dtype=_dtype(m.dtype), **kw)
+    base, tokenizer = load_recipe_base(recipe)
     categories = tuple(recipe.l2d.class_names)
     with accelerator.main_process_first():
         dataset, reports = build_dataset(recipe.data.sources, tokenizer, max_length=recipe.data.max_length,
