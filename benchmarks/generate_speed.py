@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -43,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-PROMPT = "Write a short Python function that checks whether a number is prime, and explain it."
+from l2d.bench_generate import label, measure, prompt_ids, randomize_zero_parameters  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -72,65 +70,8 @@ def build(seed: int, stream_layers: int | None = None):
     base, tok = load_smollm2()
     torch.manual_seed(seed)
     model = get_l2d_model(base, L2DConfig(stream_layers=stream_layers)).eval()
-    with torch.no_grad():  # non-zero gates: the timing must not depend on exact zeros anywhere
-        for p in model.path.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 1e-3)
+    randomize_zero_parameters(model)  # non-zero gates: the timing must not depend on exact zeros anywhere
     return model, tok
-
-
-def prompt_ids(tok, batch: int):
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                   add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt").input_ids
-    return ids.repeat(batch, 1), torch.ones(batch, ids.shape[1], dtype=torch.long)
-
-
-def make_runner(model, tok, setting, ids, mask, new_tokens: int):
-    """A zero-argument function running one generate call; returns (new tokens, mean NFE per token)."""
-    kind, solver, steps = setting
-    if kind == "base":
-        def run():
-            out = model.base_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                            min_new_tokens=new_tokens, do_sample=False,
-                                            pad_token_id=tok.pad_token_id)
-            return out.shape[1] - ids.shape[1], 0.0
-    else:
-        def run():
-            out = model.generate(ids, mask, max_new_tokens=new_tokens, steps=steps, solver=solver,
-                                 eos_token_id=[], return_dict_in_generate=True)
-            return out.sequences.shape[1] - ids.shape[1], out.mean_nfe
-    return run
-
-
-def label(setting) -> str:
-    kind, solver, steps = setting
-    if kind == "base":
-        return "base.generate"
-    return "l2d steps=0" if steps == 0 else f"{solver} steps={steps}"
-
-
-def measure(model, tok, batch: int, settings, new_tokens: int, rounds: int, log):
-    ids, mask = prompt_ids(tok, batch)
-    runners = {s: make_runner(model, tok, s, ids, mask, new_tokens) for s in settings}
-    # Warm-up: every setting once on a few tokens (allocator, MKL/oneDNN kernel selection).
-    for s in settings:
-        make_runner(model, tok, s, ids, mask, min(4, new_tokens))()
-    times = {s: [] for s in settings}
-    nfe = {}
-    for r in range(rounds):
-        k = r % len(settings)
-        order = settings[k:] + settings[:k]
-        for s in order:
-            t0 = time.perf_counter()
-            n, mean_nfe = runners[s]()
-            dt = time.perf_counter() - t0
-            if n != new_tokens:
-                raise RuntimeError(f"{label(s)} generated {n} tokens, not {new_tokens}")
-            times[s].append(dt / n)
-            nfe[s] = mean_nfe
-        log(f"  batch {batch}: round {r + 1}/{rounds} done")
-    return {s: statistics.median(v) for s, v in times.items()}, nfe, times
 
 
 def fit_slope(points):

@@ -128,13 +128,27 @@ def run_bench(args) -> int:
     import json
 
     from .bench import format_table, run_bench as bench
-    from .recipe import load_recipe
+    from .recipe import RecipeError, load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    result = bench(recipe, methods=[m.strip() for m in args.methods.split(",") if m.strip()], batch=args.batch,
-                   seq_len=args.seq_len, response=args.response, use_data=args.data, repeats=args.repeats,
-                   warmup=args.warmup, device=args.device, flops=not args.no_flops, memory=not args.no_memory)
-    print(format_table(result))
+    if args.generate:
+        from .bench_generate import format_generate_table, run_generate_bench
+
+        try:
+            steps = [int(s) for s in args.steps.split(",") if s.strip()]
+        except ValueError:
+            raise RecipeError(f"--steps: expected comma-separated integers, e.g. 0,1,8; got {args.steps!r}") from None
+        result = run_generate_bench(recipe, steps=steps, solver=args.solver, batch=args.batch or 1,
+                                    new_tokens=args.new_tokens, repeats=args.repeats, adapter=args.adapter,
+                                    device=args.device)
+        table = format_generate_table(result)
+    else:
+        result = bench(recipe, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                       batch=args.batch or 4, seq_len=args.seq_len, response=args.response, use_data=args.data,
+                       repeats=args.repeats, warmup=args.warmup, device=args.device, flops=not args.no_flops,
+                       memory=not args.no_memory)
+        table = format_table(result)
+    print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -143,22 +157,25 @@ def run_bench(args) -> int:
 
 def add_bench(sub) -> None:
     p = sub.add_parser(
-        "bench", help="time a recipe's training step: L2D against its LoRA (and full) baseline, side by side",
+        "bench", help="time a recipe's training step against its LoRA (and full) baseline, or generation by steps",
         description="Benchmark the training step of a recipe on this machine: forward, backward and AdamW step of "
                     "one micro-batch, with the recipe's base, dtype, mixed precision, frozen parts and gradient "
                     "checkpointing, for each method. Prints step time (median of --repeats), tokens/s, peak "
                     "memory above the step's start (CUDA allocator, or sampled RSS on the CPU), matmul GFLOPs, "
                     "and ratios against LoRA. L2D is timed without and with its self-conditioning pass, and "
-                    "their mix at the config's probability is the step training takes on average.",
+                    "their mix at the config's probability is the step training takes on average. With "
+                    "--generate: milliseconds per generated token of base.generate and of the adapter at each "
+                    "of --steps, and the cost of one path evaluation relative to one base decoding step.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  l2d bench recipes/smollm2-135m/arithmetic.yaml --batch 4 --seq-len 256 --response 0.5\n"
-               "  l2d bench recipes/llama-3.2-1b/math-code.yaml --data --batch 8 --methods l2d,lora,full")
+               "  l2d bench recipes/llama-3.2-1b/math-code.yaml --data --batch 8 --methods l2d,lora,full\n"
+               "  l2d bench recipes/smollm2-135m/arithmetic.yaml --generate --steps 0,1,4,16 --adapter runs/smollm2-arith")
     p.add_argument("recipe", help="path of the YAML recipe whose model, l2d/lora sections and train settings to use")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field as in `l2d train` (repeatable), e.g. --set l2d.stream_layers=8")
     p.add_argument("--methods", default="l2d,lora",
                    help="comma-separated methods to run, in order: l2d, lora, full (default l2d,lora)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 4), or per generate call (default 1)")
     p.add_argument("--seq-len", type=int, default=256,
                    help="tokens per synthetic sequence (default 256; ignored with --data)")
     p.add_argument("--response", type=float, default=0.5,
@@ -166,13 +183,25 @@ def add_bench(sub) -> None:
                         "the path's cost grows with it, LoRA's barely)")
     p.add_argument("--data", action="store_true",
                    help="use the first --batch examples of the recipe's own data instead of random tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant; the median is reported (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed steps per variant, or rounds of generate calls; the median is reported (default 3)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per variant first (they also create the optimizer state; default 1)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-flops", action="store_true", help="skip the extra step that counts matmul FLOPs")
     p.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
     p.add_argument("--json", metavar="PATH", help="also write the results (every timed step) as JSON")
+    g = p.add_argument_group("generation (--generate)")
+    g.add_argument("--generate", action="store_true",
+                   help="time generation instead of training: base.generate against the adapter at each of --steps")
+    g.add_argument("--steps", default="0,1,8",
+                   help="comma-separated ODE steps per token to time (0, the base's predictions through l2d's "
+                        "token loop, is always included; default 0,1,8)")
+    g.add_argument("--solver", default="euler", help="fixed-grid solver: euler | midpoint | heun | rk4 (default euler)")
+    g.add_argument("--new-tokens", type=int, default=64, help="tokens generated per call (default 64)")
+    g.add_argument("--adapter", metavar="DIR",
+                   help="a trained l2d adapter folder for the recipe's base (default: a freshly initialised path "
+                        "from the recipe's l2d section; the work per evaluation is the same)")
     p.set_defaults(func=run_bench)
 
 

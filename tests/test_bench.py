@@ -129,3 +129,52 @@ def test_help_explains_every_flag():
     parser = sub.choices["bench"]
     for action in parser._actions:
         assert action.help, f"l2d bench {action.option_strings or action.dest} has no help"
+
+
+def test_generation_is_timed_per_token_for_each_step_count(base_dir, tmp_path):
+    from l2d import get_l2d_model
+    from l2d.bench_generate import format_generate_table, run_generate_bench
+    from l2d.pretrained import load_base
+
+    recipe = _recipe(base_dir)
+    result = run_generate_bench(recipe, steps=(2, 1), batch=2, new_tokens=3, repeats=2, device="cpu", progress=False)
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert list(rows) == ["base.generate", "l2d steps=0", "euler steps=1", "euler steps=2"]
+    assert rows["base.generate"]["nfe_per_token"] == 0 and rows["l2d steps=0"]["nfe_per_token"] == 0
+    assert 0 < rows["euler steps=1"]["nfe_per_token"] < rows["euler steps=2"]["nfe_per_token"]
+    assert all(len(r["ms_per_token_rounds"]) == 2 and r["ms_per_token"] > 0 for r in rows.values())
+    assert rows["base.generate"]["vs_base"] == 1.0
+    assert "| euler steps=2 |" in format_generate_table(result)
+    # a trained adapter folder is loaded onto the recipe's base
+    adapter = tmp_path / "adapter"
+    get_l2d_model(load_base(base_dir)[0], recipe.l2d).save_pretrained(str(adapter))
+    result = run_generate_bench(recipe, steps=(1,), new_tokens=2, repeats=1, adapter=str(adapter), device="cpu",
+                                progress=False)
+    assert result["adapter"] == str(adapter) and len(result["rows"]) == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(solver="dopri5"), "fixed-grid"),
+    (dict(solver="eulr"), "fixed-grid"),
+    (dict(steps=(-1,)), "--steps"),
+    (dict(new_tokens=0), "--new-tokens"),
+])
+def test_bad_generation_arguments_fail_before_loading_anything(kwargs, match):
+    from l2d.bench_generate import run_generate_bench
+
+    def load(*_):
+        raise AssertionError("loaded a model before checking the arguments")
+
+    with pytest.raises(RecipeError, match=match):
+        run_generate_bench(_recipe("unused"), load=load, progress=False, **kwargs)
+
+
+def test_the_command_times_generation(base_dir, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_recipe(base_dir).to_yaml())
+    assert main(["bench", str(path), "--generate", "--steps", "1", "--new-tokens", "2", "--repeats", "1",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| base.generate |" in out and "| euler steps=1 |" in out
+    assert main(["bench", str(path), "--generate", "--steps", "1,x"]) == 1
+    assert "--steps" in capsys.readouterr().err
