@@ -34,9 +34,9 @@ import time
 import torch
 
 from l2d import L2DConfig, get_l2d_model
-from l2d.bench import PeakRSS
+from l2d.bench import PeakRSS, train_step
 from l2d.pretrained import load_smollm2
-from l2d.train import batch_loss, freeze_parts
+from l2d.train import freeze_parts
 
 def recipe_batch(path: str = "recipes/smollm2-135m/arithmetic.yaml", size: int = 32) -> dict:
     """The first ``size`` examples of a recipe's data through l2d's own pipeline (chat template,
@@ -87,15 +87,8 @@ def make_batch(kind: str, vocab: int, seed: int = 0) -> dict:
 
 
 def step(model, method, opt, batch, sc=None):
-    if method.startswith("l2d"):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    class_labels=batch["class_labels"], reduction="sum", self_conditioning=sc)
-        loss, n = out.loss, int(out.num_tokens)
-    else:
-        loss, n = batch_loss(model, method, batch)
-    (loss / n).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    """One training step (``l2d bench``'s): every ``l2d*`` model key is an L2D model."""
+    train_step(model, "l2d" if method.startswith("l2d") else method, opt, batch, self_conditioning=sc)
 
 
 def main():
