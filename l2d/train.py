@@ -18,6 +18,7 @@ Exactness, by construction:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import torch
 from .batching import Collator, length_grouped_batches
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_optimizer_tensors, \
     save_checkpoint, set_rng_state
-from .data import IGNORE_INDEX, build_dataset, null_class_label
+from .data import IGNORE_INDEX, DataSource, build_dataset, null_class_label
 from .recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -217,15 +218,25 @@ def _resume_values(d: dict) -> dict:
     return out
 
 
+def _source_defaults() -> dict:
+    """Every :class:`l2d.data.DataSource` field but ``name`` at its default."""
+    return {k: v for k, v in dataclasses.asdict(DataSource(name="")).items() if k != "name"}
+
+
 def _recipe_view(d: dict) -> dict:
-    """What must match for a resume. Keys a checkpoint's recipe predates (a field added to a section
-    since) read as today's defaults, which the run used, so older checkpoints still resume."""
+    """What must match for a resume. Keys a checkpoint's recipe predates (a field added to a section,
+    or to a data source, since) read as today's defaults, which the run used, so older checkpoints
+    still resume."""
     out, saved = {}, _resume_values(d)
     for key, default in _resume_values(Recipe().to_dict()).items():
         value = saved[key]
         if isinstance(value, dict) and isinstance(default, dict):
             value = {**default, **value}
         out[key] = default if value is None else value
+    sources = out["data"].get("sources")
+    if isinstance(sources, list):
+        out["data"] = {**out["data"], "sources": [{**_source_defaults(), **s} if isinstance(s, dict) else s
+                                                  for s in sources]}
     if d.get("method") != "lora":
         out.pop("lora")
     return out

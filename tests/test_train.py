@@ -244,6 +244,12 @@ def test_a_checkpoint_older_than_a_recipe_field_resumes_at_its_default(tmp_path,
         train_mod.check_resume({"recipe": old, "base": fingerprint},
                                recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "run"),
                                                 ["l2d.latent_init=pca"]), fingerprint, tmp_path)
+    # likewise a field added to a data source since (its list is compared entry by entry)
+    del old["data"]["sources"][0]["cot"]
+    train_mod.check_resume({"recipe": old, "base": fingerprint}, recipe, fingerprint, tmp_path)
+    old["data"]["sources"][0]["n"] = 7
+    with pytest.raises(TrainingError, match=r"another recipe.*data"):
+        train_mod.check_resume({"recipe": old, "base": fingerprint}, recipe, fingerprint, tmp_path)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_saves(tmp_path, base_dir, data_file, monkeypatch):
