@@ -121,6 +121,38 @@ def test_loss_is_the_same_at_supervised_positions_only_and_at_all_positions():
     assert everywhere.logits.shape == (2, 14, VOCAB)
 
 
+@pytest.mark.parametrize("context", ["frozen", "adapted"])
+def test_gradient_checkpointing_recomputes_the_same_loss_and_gradients(context):
+    model = get_l2d_model(tiny_base("llama"), tiny_config(context=context)).train()
+    randomize_path(model)
+    ids, labels = batch(T=14)
+    labels[1, :9] = -100
+    t, noise = torch.rand(2, 14), torch.randn(2, 14, 16)
+
+    def loss_and_grads():
+        torch.manual_seed(0)  # the same class dropout
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=labels, t=t, noise=noise, self_conditioning=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, grads = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        model(ids, labels=labels, t=t, noise=noise, self_conditioning=True).loss.backward()
+    checkpointed, grads_ckpt = loss_and_grads()
+    model.gradient_checkpointing_disable()
+    full = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: full.append(x.numel()) or x, lambda x: x):
+        model(ids, labels=labels, t=t, noise=noise, self_conditioning=True).loss.backward()
+    torch.testing.assert_close(checkpointed, plain)
+    assert grads_ckpt.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+    assert sum(saved) < sum(full)  # the blocks' activations are not kept for backward
+
+
 def test_self_conditioning_changes_the_input_and_keeps_gradients_on_the_second_pass():
     model = get_l2d_model(tiny_base("llama"), tiny_config()).eval()
     randomize_path(model)
