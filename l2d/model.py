@@ -118,6 +118,10 @@ class L2DModel(nn.Module):
     def gradient_checkpointing_disable(self):
         self.gradient_checkpointing = False
 
+    # transformers 5 names (the gradient_* ones go in v6)
+    activation_checkpointing_enable = gradient_checkpointing_enable
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
     @property
     def device(self) -> torch.device:
         return self.base_model.get_input_embeddings().weight.device

@@ -96,7 +96,10 @@ def build_model(recipe: Recipe, base):
         return model
     if recipe.train.gradient_checkpointing:
         base.config.use_cache = False
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the old name goes in v6)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.method == "lora":
         from peft import LoraConfig, get_peft_model
 

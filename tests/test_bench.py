@@ -178,3 +178,15 @@ def test_the_command_times_generation(base_dir, tmp_path, capsys):
     assert "| base.generate |" in out and "| euler steps=1 |" in out
     assert main(["bench", str(path), "--generate", "--steps", "1,x"]) == 1
     assert "--steps" in capsys.readouterr().err
+
+
+def test_the_recipes_gradient_checkpointing_recomputes_in_every_method(base_dir):
+    flops = {}
+    for checkpointing in (False, True):
+        recipe = _recipe(base_dir)
+        recipe.train.gradient_checkpointing = checkpointing
+        rows = run_bench(recipe, methods=("l2d", "lora", "full"), batch=2, seq_len=16, repeats=1, warmup=0,
+                         device="cpu", memory=False, progress=False)["rows"]
+        flops[checkpointing] = {r["name"]: r["flops"] for r in rows}
+    for name in ("L2D, no self-cond pass", "LoRA", "full fine-tune"):
+        assert flops[True][name] > flops[False][name], name  # the forward runs again in backward
