@@ -293,8 +293,9 @@ class DiffusionBlock(nn.Module):
         q = arch.query_projection(i, x) + self.q_delta(a).to(ctx.dtype)
         q = arch.apply_rotary(i, arch.shape_queries(i, q), ctx.rotary(arch, i, x))
         k, v = ctx.keys[i], ctx.values[i]
-        out = attend(ctx.to_sequences(q), k, v, ctx.mask(arch.sliding_window(i)), arch.attn_scale(i),
-                     arch.attn_softcap(i))
+        window, softcap = arch.sliding_window(i), arch.attn_softcap(i)
+        mask = ctx.mask(window) if softcap is not None else ctx.attn_bias(window, q.dtype)
+        out = attend(ctx.to_sequences(q), k, v, mask, arch.attn_scale(i), softcap)
         out = ctx.to_rows(out)
         out = out.transpose(1, 2).reshape(*a.shape[:-1], -1)
         return arch.o_module(i)(out) + self.o_delta(out).to(out.dtype)
@@ -309,8 +310,10 @@ def _modulated_norm(arch: ArchAdapter, i: int, which: str, h, dw, shift):
 def attend(q, k, v, mask, scale: float, softcap=None):
     """Causal attention of queries [B, h, Tq, d] over keys/values [B, kv_h, T, d] (GQA by grouping).
 
-    ``mask`` is boolean [B, 1, Tq, T] (True = may attend). Soft-capped scores (gemma2) take the
-    explicit path; everything else goes through ``scaled_dot_product_attention``.
+    ``mask`` is boolean [B, 1, Tq, T] (True = may attend), or for unsoftcapped attention the same
+    as an additive float mask (:meth:`StreamContext.attn_bias`). Soft-capped scores (gemma2) take
+    the explicit path, with a boolean mask; everything else goes through
+    ``scaled_dot_product_attention``.
     """
     groups = q.shape[1] // k.shape[1]
     if softcap is None:
@@ -345,9 +348,15 @@ class StreamContext:
         self.query_index = query_index
         self.rows = rows
         self.query_position = query_position if rows is None else self.select_rows(query_position)
+        if rows is not None:
+            B, Tq = query_index.shape
+            # where each [B * Tq] slot reads its query from: its row, or N (a zero row) for padding
+            slots = torch.full((B * Tq,), rows.numel(), dtype=torch.long, device=rows.device)
+            self._slot_rows = slots.index_copy(0, rows, torch.arange(rows.numel(), device=rows.device))
+            self._dense = rows.numel() == B * Tq  # no padding: regrouping is a reshape
         self.key_mask = key_mask
         self.dtype = dtype
-        self._masks, self._rotary = {}, {}
+        self._masks, self._rotary, self._biases = {}, {}, {}
 
     def select_rows(self, x: torch.Tensor) -> torch.Tensor:
         """[B, Tq, ...] -> [1, N, ...]: the query slots in ``rows`` (unchanged without rows)."""
@@ -360,15 +369,20 @@ class StreamContext:
         if self.rows is None:
             return q
         B, Tq = self.query_index.shape
-        slots = q.new_zeros(B * Tq, q.shape[1], q.shape[3])
-        slots = slots.index_copy(0, self.rows, q[0].transpose(0, 1))
-        return slots.view(B, Tq, q.shape[1], q.shape[3]).transpose(1, 2)
+        _, h, N, d = q.shape
+        if self._dense:
+            return q[0].unflatten(1, (B, Tq)).transpose(0, 1)
+        # a gather from the rows plus one zero row: its backward keeps only the index, not q
+        source = torch.cat([q[0].transpose(0, 1), q.new_zeros(1, h, d)])
+        return source.index_select(0, self._slot_rows).view(B, Tq, h, d).transpose(1, 2)
 
     def to_rows(self, out: torch.Tensor) -> torch.Tensor:
         """Attention outputs [B, h, Tq, d] -> [1, h, N, d] (inverse of :meth:`to_sequences`)."""
         if self.rows is None:
             return out
         B, h, Tq, d = out.shape
+        if self._dense:
+            return out.transpose(0, 1).reshape(1, h, B * Tq, d)
         return out.transpose(1, 2).reshape(B * Tq, h, d).index_select(0, self.rows).transpose(0, 1).unsqueeze(0)
 
     def mask(self, window):
@@ -384,6 +398,17 @@ class StreamContext:
             allowed[..., 0] |= ~allowed.any(-1)
             self._masks[window] = allowed.unsqueeze(1)
         return self._masks[window]
+
+    def attn_bias(self, window, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`mask` as an additive float mask (0 or -inf), built once per window and dtype.
+        Given a boolean mask, attention converts it, and its backward keeps, a float copy per
+        layer ([B, 1, Tq, T] each: a GiB at 4 x 1024 queries over 2048 keys in 30 layers); given
+        this one, every layer keeps the same tensor."""
+        if (window, dtype) not in self._biases:
+            allowed = self.mask(window)
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self._biases[window, dtype] = bias.masked_fill(~allowed, float("-inf"))
+        return self._biases[window, dtype]
 
     def rotary(self, arch: ArchAdapter, i: int, x: torch.Tensor):
         key = arch.rotary_key(i)

@@ -8,8 +8,9 @@ from l2d import get_l2d_model
 from tiny import VOCAB, randomize_path, tiny_base, tiny_config
 
 
-def _batch():
-    """Three right-padded sequences with 3, 8 and 5 supervised tokens."""
+def _batch(even: bool = False):
+    """Three right-padded sequences with 3, 8 and 5 supervised tokens (``even``: 5 each, so the
+    packed layout has no padding slots)."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, VOCAB, (3, 14), generator=g)
     mask = torch.ones_like(ids)
@@ -19,6 +20,9 @@ def _batch():
     labels[0, 7:10] = ids[0, 7:10]
     labels[1, 6:14] = ids[1, 6:14]
     labels[2, 7:12] = ids[2, 7:12]
+    if even:
+        labels[0, 5:7] = ids[0, 5:7]
+        labels[1, :9] = -100
     ids = ids.masked_fill(mask == 0, 0)
     return ids, mask, labels
 
@@ -38,11 +42,14 @@ def _losses_and_grads(model, ids, mask, labels, t, noise, classes, sc):
     return out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "qwen3"])
-@pytest.mark.parametrize("sc", [False, True])
-def test_a_sequences_losses_and_gradients_do_not_depend_on_its_batch(family, sc):
+@pytest.mark.parametrize("family, sc, even", [
+    ("llama", False, False), ("llama", True, False), ("gemma2", False, False), ("gemma2", True, False),
+    ("gpt2", False, False), ("gpt2", True, False), ("qwen3", False, False), ("qwen3", True, False),
+    ("llama", True, True), ("qwen3", False, True)])
+def test_a_sequences_losses_and_gradients_do_not_depend_on_its_batch(family, sc, even):
     model = _model(family, kv_rank=2)
-    ids, mask, labels = _batch()
+    ids, mask, labels = _batch(even)
+    assert even == (len(set((labels[:, 1:] != -100).sum(1).tolist())) == 1)
     g = torch.Generator().manual_seed(4)
     t = torch.rand(ids.shape, generator=g)
     noise = torch.randn(*ids.shape, model.config.latent_dim, generator=g)
@@ -81,3 +88,28 @@ def test_the_stream_runs_on_the_supervised_rows_only(context):
     # both passes (self-conditioning and the trained one): the encoder and the last layer's MLP at N rows
     assert seen.count((1, supervised)) == 4, seen
     assert (ids.shape[0], slots) not in seen, f"a pass ran on the padded [B, Tq] layout: {seen}"
+
+
+def _saved_tensors(loss, attr: str) -> list:
+    """Every tensor saved for backward under ``attr`` in the graph of ``loss``."""
+    found, stack, seen = [], [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, attr):
+            found.append(getattr(fn, attr))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_every_layer_keeps_the_same_attention_mask_for_backward(family):
+    model = _model(family, context="frozen").train()  # mistral: a sliding-window mask as well
+    ids, mask, labels = _batch()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, self_conditioning=False).loss
+    masks = _saved_tensors(loss, "_saved_attn_mask")
+    assert len(masks) == model.arch.num_layers  # one attention per layer, each with a mask
+    windows = {model.arch.sliding_window(i) for i in range(model.arch.num_layers)}
+    assert len({m.untyped_storage().data_ptr() for m in masks}) == len(windows)
