@@ -1,6 +1,6 @@
 """The stream runs on the supervised rows of a batch alone: a sequence's losses and gradients do
 not depend on the other sequences (and their response lengths) in its batch, and no work goes to
-the padding slots of the packed [B, Tq] query layout."""
+the padding slots of the packed [B, Tq] query layout; what the backward keeps is not duplicated."""
 import pytest
 import torch
 
