@@ -3,6 +3,7 @@ layers), SmolLM2-135M-Instruct on the CPU, on B sequences of T random tokens who
 supervised.
 
     python benchmarks/step_memory.py --batch 2 --seq-len 1024
+    python benchmarks/step_memory.py --batch 2 --seq-len 1024 --saved   # what the backward keeps, by node
 
 Peak resident set size above the pre-step value, sampled every millisecond, in the step after
 one warm-up step (which creates the optimizer state). L2D is measured without and with its
@@ -52,11 +53,43 @@ class Peak:
         self.delta = max(self.peak, rss()) - self.base
 
 
+def saved_for_backward(loss, model) -> dict:
+    """Bytes of the tensors the autograd graph of ``loss`` keeps for backward, by (node type,
+    attribute); each storage counted once, the model's parameters not at all. Deterministic,
+    unlike the RSS peak."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, visited, stack, by_node = set(), set(), [loss.grad_fn], {}
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in visited:
+            continue
+        visited.add(fn)
+        for attr in dir(fn):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(fn, attr)
+            except RuntimeError:  # freed or not a tensor
+                continue
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(t, torch.Tensor):
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in params and ptr not in seen:
+                        seen.add(ptr)
+                        key = (type(fn).__name__, attr)
+                        by_node[key] = by_node.get(key, 0) + t.untyped_storage().nbytes()
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return by_node
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
     ap.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--saved", action="store_true",
+                    help="instead: the bytes the L2D forward (no self-conditioning pass) keeps for backward, by "
+                         "autograd node, a count that does not depend on the allocator or the machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     B, T = args.batch, args.seq_len
@@ -81,6 +114,15 @@ def main():
     from peft import LoraConfig, get_peft_model
 
     print(f"l2d from {os.path.dirname(l2d.__file__)}; batch {B} x {T}, last half supervised")
+    if args.saved:
+        model = get_l2d_model(load_smollm2()[0], L2DConfig()).train()
+        out = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels,
+                    class_labels=batch["class_labels"], reduction="sum", self_conditioning=False)
+        by_node = saved_for_backward(out.loss, model)
+        print(f"L2D forward, tensors saved for backward: {sum(by_node.values()) / 2**20:.1f} MiB")
+        for (node, attr), n in sorted(by_node.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {n / 2**20:8.1f} MiB  {node}.{attr}")
+        return
     peaks = {}
     for method in ("l2d", "lora"):
         base = load_smollm2()[0]
