@@ -89,9 +89,9 @@ class PeakCUDA:
 def synthetic_batch(vocab: int, batch: int, seq_len: int, response: float, seed: int = 0) -> dict:
     """``batch`` sequences of ``seq_len`` random tokens whose last ``response`` fraction is supervised."""
     if batch < 1 or seq_len < 2:
-        raise RecipeError(f"l2d bench: need --batch >= 1 and --seq-len >= 2 (got {batch} and {seq_len})")
+        raise RecipeError(f"need --batch >= 1 and --seq-len >= 2 (got {batch} and {seq_len})")
     if not 0 < response <= 1:
-        raise RecipeError(f"l2d bench: --response is the supervised fraction of each sequence, in (0, 1]; got {response}")
+        raise RecipeError(f"--response is the supervised fraction of each sequence, in (0, 1]; got {response}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, seq_len), generator=g)
     labels = torch.full_like(ids, -100)
@@ -110,7 +110,7 @@ def recipe_batch(recipe: Recipe, tokenizer, batch: int) -> dict:
     data, _ = build_dataset(recipe.data.sources, tokenizer, max_length=recipe.data.max_length, categories=categories,
                             chat_template=recipe.data.chat_template, system_prompt=recipe.data.system_prompt)
     if len(data) < batch:
-        raise RecipeError(f"l2d bench --data: the recipe's data has {len(data)} usable examples, fewer than "
+        raise RecipeError(f"--data: the recipe's data has {len(data)} usable examples, fewer than "
                           f"--batch {batch}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Collator(pad, null_label=null_class_label(categories))
@@ -217,9 +217,9 @@ def run_bench(recipe: Recipe, methods=("l2d", "lora"), batch: int = 4, seq_len: 
 
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise RecipeError(f"l2d bench: unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
+        raise RecipeError(f"unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
     if repeats < 1 or warmup < 0:
-        raise RecipeError(f"l2d bench: need --repeats >= 1 and --warmup >= 0 (got {repeats} and {warmup})")
+        raise RecipeError(f"need --repeats >= 1 and --warmup >= 0 (got {repeats} and {warmup})")
     if not use_data:
         synthetic_batch(8, batch, seq_len, response)  # bad shapes fail here, before any model is loaded
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -245,7 +245,7 @@ def run_bench(recipe: Recipe, methods=("l2d", "lora"), batch: int = 4, seq_len: 
         variants = ([Variant("l2d", sc) for sc, weight in ((False, 1 - p_sc), (True, p_sc)) if weight > 0]
                     if method == "l2d" else [Variant(method)])
         if progress:
-            print(f"l2d bench: {method} ...", flush=True)
+            print(f"{method} ...", flush=True)
         measure(model, method, optimizer, data, variants, repeats, warmup, r.train.mixed_precision, dev,
                 flops=flops, memory=memory)
         for v in variants:

@@ -105,13 +105,13 @@ def run_generate_bench(recipe: Recipe, steps=(0, 1, 8), solver: str = "euler", b
     from .solvers import FIXED_SOLVERS
 
     if solver not in FIXED_SOLVERS:
-        raise RecipeError(f"l2d bench --generate: --solver must be a fixed-grid solver ({', '.join(FIXED_SOLVERS)}); "
+        raise RecipeError(f"--generate: --solver must be a fixed-grid solver ({', '.join(FIXED_SOLVERS)}); "
                           f"got {solver!r}")
     steps = sorted({0, *steps})
     if steps[0] < 0:
-        raise RecipeError(f"l2d bench --generate: --steps must be >= 0, got {steps[0]}")
+        raise RecipeError(f"--generate: --steps must be >= 0, got {steps[0]}")
     if batch < 1 or new_tokens < 1 or repeats < 1:
-        raise RecipeError(f"l2d bench --generate: need --batch, --new-tokens and --repeats >= 1 "
+        raise RecipeError(f"--generate: need --batch, --new-tokens and --repeats >= 1 "
                           f"(got {batch}, {new_tokens}, {repeats})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(recipe.train.seed)

@@ -138,15 +138,15 @@ def run_bench(args) -> int:
             steps = [int(s) for s in args.steps.split(",") if s.strip()]
         except ValueError:
             raise RecipeError(f"--steps: expected comma-separated integers, e.g. 0,1,8; got {args.steps!r}") from None
-        result = run_generate_bench(recipe, steps=steps, solver=args.solver, batch=args.batch or 1,
-                                    new_tokens=args.new_tokens, repeats=args.repeats, adapter=args.adapter,
-                                    device=args.device)
+        batch = 1 if args.batch is None else args.batch
+        result = run_generate_bench(recipe, steps=steps, solver=args.solver, batch=batch, new_tokens=args.new_tokens,
+                                    repeats=args.repeats, adapter=args.adapter, device=args.device)
         table = format_generate_table(result)
     else:
-        result = bench(recipe, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                       batch=args.batch or 4, seq_len=args.seq_len, response=args.response, use_data=args.data,
-                       repeats=args.repeats, warmup=args.warmup, device=args.device, flops=not args.no_flops,
-                       memory=not args.no_memory)
+        batch = 4 if args.batch is None else args.batch
+        result = bench(recipe, methods=[m.strip() for m in args.methods.split(",") if m.strip()], batch=batch,
+                       seq_len=args.seq_len, response=args.response, use_data=args.data, repeats=args.repeats,
+                       warmup=args.warmup, device=args.device, flops=not args.no_flops, memory=not args.no_memory)
         table = format_table(result)
     print(table)
     if args.json:
