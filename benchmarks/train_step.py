@@ -41,8 +41,7 @@ from l2d.train import freeze_parts
 def recipe_batch(path: str = "recipes/smollm2-135m/arithmetic.yaml", size: int = 32) -> dict:
     """The first ``size`` examples of a recipe's data through l2d's own pipeline (chat template,
     answer-only labels): the batches the sample-efficiency runs train on."""
-    from l2d.batching import Collator
-    from l2d.data import build_dataset, null_class_label
+    from l2d.bench import recipe_batch as first_examples
     from l2d.pretrained import load_base
     from l2d.recipe import load_recipe
 
@@ -50,11 +49,7 @@ def recipe_batch(path: str = "recipes/smollm2-135m/arithmetic.yaml", size: int =
     for source in recipe.data.sources:
         source.n = size
     _, tokenizer = load_base(recipe.model.name_or_path)
-    categories = tuple(recipe.l2d.class_names)
-    data, _ = build_dataset(recipe.data.sources, tokenizer, max_length=recipe.data.max_length, categories=categories,
-                            chat_template=recipe.data.chat_template, system_prompt=recipe.data.system_prompt)
-    collate = Collator(tokenizer.pad_token_id, null_label=null_class_label(categories))
-    return collate([data[i] for i in range(size)])
+    return first_examples(recipe, tokenizer, size)
 
 
 def make_batch(kind: str, vocab: int, seed: int = 0) -> dict:

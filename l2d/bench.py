@@ -160,7 +160,7 @@ def train_step(model, method: str, optimizer, batch: dict, mixed_precision: str 
     optimizer.zero_grad(set_to_none=True)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -178,10 +178,10 @@ def measure(model, method: str, optimizer, batch: dict, variants: list[Variant],
             run(v)
     for _ in range(repeats):
         for v in variants:  # interleaved: machine noise hits both L2D variants alike
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             run(v)
-            _sync(device)
+            synchronize(device)
             v.times.append(time.perf_counter() - t0)
     if memory and device.type != "cuda" and not os.path.exists("/proc/self/statm"):
         memory = False  # the RSS sampler reads Linux's /proc; elsewhere the column stays empty

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from .bench import synchronize
 from .recipe import Recipe, RecipeError
 
 PROMPT = "Write a short Python function that checks whether a number is prime, and explain it."
@@ -70,12 +71,10 @@ def measure(model, tok, batch: int, settings, new_tokens: int, rounds: int, log=
     for r in range(rounds):
         k = r % len(settings)
         for s in settings[k:] + settings[:k]:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             n, mean_nfe = runners[s]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             dt = time.perf_counter() - t0
             if n != new_tokens:
                 raise RuntimeError(f"{label(s)} generated {n} tokens, not {new_tokens}")

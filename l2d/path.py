@@ -350,10 +350,11 @@ class StreamContext:
         self.query_position = query_position if rows is None else self.select_rows(query_position)
         if rows is not None:
             B, Tq = query_index.shape
-            # where each [B * Tq] slot reads its query from: its row, or N (a zero row) for padding
-            slots = torch.full((B * Tq,), rows.numel(), dtype=torch.long, device=rows.device)
-            self._slot_rows = slots.index_copy(0, rows, torch.arange(rows.numel(), device=rows.device))
             self._dense = rows.numel() == B * Tq  # no padding: regrouping is a reshape
+            if not self._dense:
+                # where each [B * Tq] slot reads its query from: its row, or N (a zero row) for padding
+                slots = torch.full((B * Tq,), rows.numel(), dtype=torch.long, device=rows.device)
+                self._slot_rows = slots.index_copy(0, rows, torch.arange(rows.numel(), device=rows.device))
         self.key_mask = key_mask
         self.dtype = dtype
         self._masks, self._rotary, self._biases = {}, {}, {}
