@@ -55,8 +55,8 @@ class Peak:
 
 def saved_for_backward(loss, model) -> dict:
     """Bytes of the tensors the autograd graph of ``loss`` keeps for backward, by (node type,
-    attribute); each storage counted once, the model's parameters not at all. Deterministic,
-    unlike the RSS peak."""
+    attribute); each storage counted once (whole storage, so a saved slice counts what it keeps
+    alive), the model's parameters not at all. Deterministic, unlike the RSS peak."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, visited, stack, by_node = set(), set(), [loss.grad_fn], {}
     while stack:
@@ -65,7 +65,8 @@ def saved_for_backward(loss, model) -> dict:
             continue
         visited.add(fn)
         for attr in dir(fn):
-            if not attr.startswith("_saved_"):
+            # built-in nodes expose _saved_*; custom autograd Functions (l2d_kernels, stream_mlp) saved_tensors
+            if not (attr.startswith("_saved_") or attr == "saved_tensors"):
                 continue
             try:
                 value = getattr(fn, attr)

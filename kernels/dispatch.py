@@ -18,7 +18,8 @@ import os
 import torch
 
 from .cross_entropy import linear_cross_entropy_chunked
-from .reference import (NORM_KINDS, latent_normalize_ref, modulated_norm_ref, noise_latent_ref)
+from .modulated_norm_torch import modulated_norm_torch
+from .reference import NORM_KINDS, latent_normalize_ref, noise_latent_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -101,7 +102,7 @@ def modulated_norm(x, weight, bias, dw, shift, eps: float, kind: str, out_dtype=
         from_triton = x.shape[-1] <= MAX_HIDDEN
     if from_triton:
         return modulated_norm_triton(x, weight, bias, dw, shift, eps, kind, out_dtype)
-    return modulated_norm_ref(x, weight, bias, dw, shift, eps, kind).to(out_dtype)
+    return modulated_norm_torch(x, weight, bias, dw, shift, eps, kind).to(out_dtype)
 
 
 def latent_normalize(u, eps: float = 1e-12):

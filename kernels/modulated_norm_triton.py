@@ -150,7 +150,10 @@ class ModulatedNormFunction(torch.autograd.Function):
                 NORM=norm, HAS_W=has_w, GAIN_OFFSET=gain_offset, HAS_B=has_b,
                 BLOCK=block, num_warps=num_warps,
             )
-        ctx.save_for_backward(x2, w, dw2, mean, rstd)
+        # dw is usually a slice of the [rows, 6H] adaLN output: keep a compact copy of it, not
+        # the whole output (3x the memory of the two copies the block's norms keep)
+        dw_kept = dw2.clone() if dw2.untyped_storage().nbytes() > dw2.numel() * dw2.element_size() else dw2
+        ctx.save_for_backward(x2, w, dw_kept, mean, rstd)
         ctx.meta = (shape, norm, has_w, has_b, gain_offset, block, num_warps)
         ctx.shapes = (dw.shape, shift.shape)
         ctx.dtypes = (x.dtype, dw.dtype, shift.dtype, bias.dtype if has_b else None)

@@ -62,6 +62,10 @@ class ArchSpec:
     norm_kind: str = "rms"           # rms | rms_offset (Gemma's 1 + w) | layer
     parallel: bool = False
     rotary: bool = True
+    # the MLP's (gate or fc, up or None, down, activation) attributes, when its forward is
+    # down(act(gate(x)) * up(x)) or down(act(fc(x))): the stream then runs it through
+    # l2d/stream_mlp.py, which keeps less for backward; None: the module is called as it is
+    mlp_parts: tuple | None = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
 _LLAMA = ArchSpec(layers="layers", final_norm="norm")
@@ -77,13 +81,15 @@ SPECS: dict[str, ArchSpec] = {
     "qwen3": ArchSpec(layers="layers", final_norm="norm", q_norm="head"),
     "gemma2": _GEMMA,
     "gemma3_text": ArchSpec(**{**_GEMMA.__dict__, "q_norm": "head"}),
-    "phi3": ArchSpec(layers="layers", final_norm="norm", q_layout="phi3"),
+    "phi3": ArchSpec(layers="layers", final_norm="norm", q_layout="phi3", mlp_parts=None),  # fused gate_up_proj
     "olmo2": ArchSpec(layers="layers", final_norm="norm", q_norm="full", attn_norm=None, mlp_norm=None,
                       post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm"),
     "gpt2": ArchSpec(layers="h", final_norm="ln_f", attn="attn", q_layout="gpt2", o_proj="c_proj",
-                     attn_norm="ln_1", mlp_norm="ln_2", norm_kind="layer", rotary=False),
+                     attn_norm="ln_1", mlp_norm="ln_2", norm_kind="layer", rotary=False,
+                     mlp_parts=("c_fc", None, "c_proj", "act")),
     "gpt_neox": ArchSpec(layers="layers", final_norm="final_layer_norm", attn="attention", q_layout="neox",
-                         o_proj="dense", norm_kind="layer", parallel=True),
+                         o_proj="dense", norm_kind="layer", parallel=True,
+                         mlp_parts=("dense_h_to_4h", None, "dense_4h_to_h", "act")),
 }
 
 

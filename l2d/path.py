@@ -33,6 +33,7 @@ import l2d_kernels
 from .arch import ArchAdapter, norm_params
 from .config import L2DConfig
 from .latent import LatentMap, marginal_std
+from .stream_mlp import stream_mlp
 
 
 # --- deltas on frozen projections ----------------------------------------------------------
@@ -123,9 +124,10 @@ class MLPDeltas(nn.Module):
     holds other parameters (e.g. 3-D expert weights of mixture-of-experts)."""
 
     def __init__(self, mlp: nn.Module, config: L2DConfig, hidden_size: int, switch: DeltaSwitch,
-                 in_context: bool = False):
+                 in_context: bool = False, parts: tuple | None = None):
         super().__init__()
         self.switch = switch
+        self.parts = None  # set below when the MLP's layout is known and every projection has a delta
         self.in_context = in_context  # the deltas also act in the adapted context pass
         self.deltas = nn.ModuleDict()
         self.parallel = None
@@ -141,6 +143,9 @@ class MLPDeltas(nn.Module):
             key = name.replace(".", "__")
             self.deltas[key] = make_delta(config, *_linear_features(module))
             self._handles.append(module.register_forward_hook(self._hook(key)))
+        if (parts is not None and all(name is None or name in self.deltas for name in parts[:3])
+                and callable(getattr(mlp, parts[3], None))):
+            self.parts = parts
 
     def _hook(self, key: str):
         def hook(module, inputs, output):
@@ -155,6 +160,9 @@ class MLPDeltas(nn.Module):
         self._handles = []
 
     def forward(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.parts is not None and not self.switch.on and not mlp.training:
+            # same result, less kept for backward (l2d/stream_mlp.py)
+            return stream_mlp(mlp, self.parts, self.deltas, x)
         with self.switch.active():
             out = mlp(x)
         if self.parallel is not None:
@@ -227,7 +235,7 @@ class DiffusionBlock(nn.Module):
         o_in, o_out = _linear_features(arch.o_module(index))
         self.o_delta = make_delta(config, o_in, o_out)
         self.in_context = in_context  # this layer's deltas also act in the adapted context pass
-        self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch, self.in_context)
+        self.mlp_deltas = MLPDeltas(arch.mlp(index), config, hidden, switch, self.in_context, arch.spec.mlp_parts)
         self.switch = switch
         self._handles = []
         if self.in_context:  # the q/o deltas also act in the context pass, through hooks

@@ -98,13 +98,14 @@ def test_modulated_norm_matches_float64_reference(backend, dtype, shape, kind):
     _check_modulated_norm(backend, shape, dtype, kind)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["rms", "rms_offset", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_modulated_norm_gain_grads_only_when_asked(kind, dtype):
+def test_modulated_norm_gain_grads_only_when_asked(kind, dtype, backend):
     """With a trainable gain/bias their grads match float64; with a frozen one none is made."""
-    _check_modulated_norm("triton", (5, 123), dtype, kind, weight_grad=True)
+    _check_modulated_norm(backend, (5, 123), dtype, kind, weight_grad=True)
     inputs = _norm_inputs((5, 123), dtype, kind, weight_grad=False)
-    with l2d_kernels.use_backend("triton"):
+    with l2d_kernels.use_backend(backend):
         y = l2d_kernels.modulated_norm(*inputs, 1e-6, kind)
     y.sum().backward()
     assert inputs[1].grad is None and (inputs[2] is None or inputs[2].grad is None)
@@ -134,8 +135,9 @@ def test_modulated_norm_out_dtype_is_the_float32_result_rounded():
         torch.testing.assert_close(y, y32.to(torch.bfloat16), atol=0, rtol=1 / 128)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_modulated_norm_non_contiguous_and_broadcast_inputs(kind):
+def test_modulated_norm_non_contiguous_and_broadcast_inputs(kind, backend):
     """Strided rows, a transposed x and per-sequence (broadcast) dw/shift give the reference's values and grads."""
     base = _randn((3, 9, 200), torch.float32, 1)
     x = base[:, ::2, 7:130].detach().requires_grad_()  # row stride 400, not contiguous
@@ -146,7 +148,7 @@ def test_modulated_norm_non_contiguous_and_broadcast_inputs(kind):
     bias = _randn(123, torch.float32, 6) if kind == "layer" else None
     for xx, d, s in ((x, dw, shift), (x_t, dw[0, 0], shift[0, 0])):
         assert not xx.is_contiguous()
-        _check_modulated_norm("triton", None, torch.float32, kind,
+        _check_modulated_norm(backend, None, torch.float32, kind,
                               inputs=[xx, weight, bias, d, s])
 
 
@@ -156,14 +158,33 @@ def test_modulated_norm_large_hidden(kind):
     _check_modulated_norm("triton", (2, 16384), torch.float32, kind)
 
 
-def test_modulated_norm_no_tokens():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modulated_norm_no_tokens(backend):
     """Zero tokens is an empty result and empty grads, not a launch error."""
     inputs = _norm_inputs((0, 64), torch.float32, "rms")
-    with l2d_kernels.use_backend("triton"):
+    with l2d_kernels.use_backend(backend):
         y = l2d_kernels.modulated_norm(*inputs, 1e-6, "rms")
     assert y.shape == (0, 64)
     y.sum().backward()
     assert inputs[0].grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modulated_norm_keeps_x_and_gain_not_the_adaln_output(backend):
+    """Backward keeps x, one [rows, H] gain and row statistics; dw being a slice of a [rows, 6H]
+    adaLN output does not keep that whole tensor alive."""
+    rows, H = 8, 64
+    x = _randn((rows, H), torch.float32, 0).requires_grad_()
+    adaln = _randn((rows, 6 * H), torch.float32, 1).requires_grad_()
+    dw, shift = adaln[:, :H], adaln[:, H:2 * H]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with l2d_kernels.use_backend(backend):
+            l2d_kernels.modulated_norm(x, _randn(H, torch.float32, 2), None, dw, shift, 1e-6, "rms")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    assert adaln.untyped_storage().data_ptr() not in storages
+    full_rows = sum(1 for nbytes in storages.values() if nbytes >= rows * H * 4)
+    assert full_rows == 2, storages  # x and the gain (not Norm(x) as well)
 
 
 # ----------------------------------------------------------------------------- latent norm, noising

@@ -79,13 +79,14 @@ def test_the_stream_runs_on_the_supervised_rows_only(context):
     supervised, slots = int(per_row.sum()), int(per_row.max())  # 16 rows, where [B, Tq] has 3 x 8 slots
     seen = []
     handles = [model.path.encoder.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape[:-1]))),
-               model.arch.mlp(1).register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape[:-1])))]
+               model.arch.mlp(1).down_proj.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape[:-1])))]
     try:
         model(input_ids=ids, attention_mask=mask, labels=labels, self_conditioning=True)
     finally:
         for h in handles:
             h.remove()
     # both passes (self-conditioning and the trained one): the encoder and the last layer's MLP at N rows
+    # (the down projection: the stream runs the MLP's parts, not the module, l2d/stream_mlp.py)
     assert seen.count((1, supervised)) == 4, seen
     assert (ids.shape[0], slots) not in seen, f"a pass ran on the padded [B, Tq] layout: {seen}"
 
