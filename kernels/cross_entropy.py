@@ -49,11 +49,17 @@ def _chunk_loss_grad_torch(logits, targets, row_weight, softcap, logit_scale, ig
         z.mul_(softcap)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
-    lse = torch.logsumexp(z, dim=-1)
-    loss = torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0)
+    target_logit = z.gather(1, safe[:, None]).squeeze(1)
+    # logsumexp in place (torch.logsumexp would allocate a second [chunk, vocab] buffer, which
+    # sits on top of every activation the step keeps): e = exp(z - max), lse = max + log(sum e)
+    top = z.amax(dim=-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # a row of -inf stays -inf below
+    e = z.sub_(top).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    lse = (total.log() + top).squeeze(1)
+    loss = torch.where(valid, lse - target_logit, 0.0)
     if not need_grad:
         return loss, None
-    g = z.sub_(lse[:, None]).exp_()  # softmax, in place
+    g = e.div_(total)  # softmax, in place
     rows = torch.arange(g.shape[0], device=g.device)
     g[rows, safe] -= 1.0
     g.mul_(torch.where(valid, row_weight, 0.0)[:, None])

@@ -297,7 +297,11 @@ class L2DModel(nn.Module):
     def expected_latent(self, h: torch.Tensor, latent_table: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """``softmax(logits) @ Z`` for rows of ``h`` [..., H], chunked over rows."""
         flat = h.reshape(-1, h.shape[-1])
-        out = [torch.softmax(self.head_logits(part), -1) @ latent_table for part in flat.split(chunk)]
+        out = []
+        for part in flat.split(chunk):
+            logits = self.head_logits(part)  # a fresh [chunk, V] float32 tensor: softmax in place
+            probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+            out.append((probs @ latent_table) / probs.sum(-1, keepdim=True))
         return torch.cat(out).view(*h.shape[:-1], -1)
 
     def latent_table(self) -> torch.Tensor:
