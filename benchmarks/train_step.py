@@ -14,11 +14,14 @@ whose deltas run in the context pass in the top K layers only (`L2DConfig.contex
 `--stream-layers K` adds the default config with the diffusion stream in the top K layers only
 (`L2DConfig.stream_layers`), and with `--adapted` the adapted one likewise.
 
-Memory: peak resident set size (RSS) above the pre-step RSS, sampled every 1 ms by a thread
-reading /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier steps is returned to
-the OS first. It counts activations, gradients and optimizer-state growth of that step (the
-optimizer state is created by the warm-up step, so it is in the baseline of timed steps). It is
-measured in one extra step per variant after the timed ones: with the sampler running, steps
+Memory, two measures, each the peak above its pre-step value sampled every 1 ms by a thread:
+the C heap in use (glibc `mallinfo2`: bytes malloc has handed out and not taken back, where torch
+puts CPU tensors; the CPU counterpart of CUDA's `max_memory_allocated`, and deterministic), and
+the resident set size (RSS, /proc/self/statm, after `malloc_trim(0)` so freed memory of earlier
+steps is returned to the OS first; it also counts what the allocator keeps after a free, which
+varies from run to run). Both count activations, gradients and optimizer-state growth of that step
+(the optimizer state is created by the warm-up step, so it is in the baseline of timed steps).
+They are measured in one extra step per variant after the timed ones: with the sampler running, steps
 take longer, and unevenly (runs of the same batches on the 2-core AMD container: LoRA 7.5-9.8 s
 with it against 4.4-4.6 s without, L2D about 1.3x longer with it), so times taken under it
 understate L2D's ratio to LoRA.
@@ -34,7 +37,7 @@ import time
 import torch
 
 from l2d import L2DConfig, get_l2d_model
-from l2d.bench import PeakRSS, train_step
+from l2d.bench import PeakHeap, PeakRSS, heap_in_use, train_step
 from l2d.pretrained import load_smollm2
 from l2d.train import freeze_parts
 
@@ -105,7 +108,7 @@ def main():
                     help="add the default L2D with its diffusion stream in the top K decoder layers only "
                          "(and, with --adapted, the adapted one likewise)")
     ap.add_argument("--no-memory", action="store_true",
-                    help="time only: skip the extra step per variant that samples the peak RSS")
+                    help="time only: skip the extra step per variant that samples the peak heap and RSS")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -156,40 +159,46 @@ def main():
         for method, sc in variants:  # warm-up (also creates the optimizer state)
             step(models[method], method, opts[method], batch, sc)
         times = {v: [] for v in variants}
-        mems = {v: [] for v in variants}
+        mems = {}  # variant -> (peak heap, peak RSS) in bytes
         for _ in range(args.repeats):
             for v in variants:  # interleaved: machine noise hits every variant alike
                 method, sc = v
                 t0 = time.perf_counter()
                 step(models[method], method, opts[method], batch, sc)
                 times[v].append(time.perf_counter() - t0)
-        for v in variants:  # memory in one more step each: the sampling thread slows the step it watches
+        for v in variants:  # memory in one more step each: the sampling threads slow the step they watch
             method, sc = v
-            with contextlib.nullcontext() if args.no_memory else PeakRSS() as mem:
+            measure = not args.no_memory
+            with PeakRSS() if measure else contextlib.nullcontext() as mem, \
+                    PeakHeap() if measure and heap_in_use() is not None else contextlib.nullcontext() as heap:
                 step(models[method], method, opts[method], batch, sc)
-            mems[v].append(float("nan") if args.no_memory else mem.delta)
+            mems[v] = ((heap.delta if heap is not None else float("nan"), mem.delta) if measure
+                       else (float("nan"), float("nan")))
         results[kind] = (times, mems)
         print(f"done {kind}", flush=True)
 
     print(f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads, {args.repeats} interleaved repeats "
-          f"(median step time; peak RSS above the pre-step RSS in one more step each)")
+          f"(median step time; in one more step each: peak heap in use and peak RSS above their pre-step values)")
     print(f"trainable parameters: L2D {counts['l2d']:,d}  |  L2D, heads frozen {counts['l2d_frozen']:,d}  |  "
           f"LoRA r=32 all-linear {counts['lora']:,d}\n")
-    header = "| batch | method | step time (s) | peak memory (MiB) | time vs LoRA | memory vs LoRA |"
+    header = ("| batch | method | step time (s) | peak heap (MiB) | peak RSS (MiB) | time vs LoRA | heap vs LoRA "
+              "| RSS vs LoRA |")
     print(header)
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, (times, mems) in results.items():
-        lora_t, lora_m = statistics.median(times[variants[-1]]), max(mems[variants[-1]])
+        lora_t, (lora_h, lora_r) = statistics.median(times[variants[-1]]), mems[variants[-1]]
+
+        def row(name, t, heap, rss_):
+            print(f"| {kind} | {name} | {t:.2f} | {_mib(heap)} | {_mib(rss_)} | {t / lora_t:.2f}x | "
+                  f"{_ratio(heap, lora_h)} | {_ratio(rss_, lora_r)} |")
+
         for label, method in labels:
             no_sc, with_sc = (method, False), (method, True)
             for name, v in ((f"{label}, no self-cond pass", no_sc), (f"{label}, with self-cond pass", with_sc)):
-                t, m = statistics.median(times[v]), max(mems[v])
-                print(f"| {kind} | {name} | {t:.2f} | {_mib(m)} | {t / lora_t:.2f}x | {_ratio(m, lora_m)} |")
+                row(name, statistics.median(times[v]), *mems[v])
             t_exp = (statistics.median(times[no_sc]) + statistics.median(times[with_sc])) / 2
-            m_exp = max(max(mems[no_sc]), max(mems[with_sc]))
-            print(f"| {kind} | {label}, expected (p=0.5) | {t_exp:.2f} | {_mib(m_exp)} | {t_exp / lora_t:.2f}x | "
-                  f"{_ratio(m_exp, lora_m)} |")
-        print(f"| {kind} | LoRA r=32 | {lora_t:.2f} | {_mib(lora_m)} | 1.00x | {_ratio(lora_m, lora_m)} |")
+            row(f"{label}, expected (p=0.5)", t_exp, *(max(a, b) for a, b in zip(mems[no_sc], mems[with_sc])))
+        row("LoRA r=32", lora_t, lora_h, lora_r)
 
 
 def _mib(m: float) -> str:

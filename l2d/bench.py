@@ -9,8 +9,9 @@ the expected step mixes them with the config's probability ``p``:
 
 Methods run one after another (so that a large base is resident once), each with warm-up steps,
 then ``repeats`` timed steps (median). Memory is the peak above what was allocated before a step
-(CUDA: ``torch.cuda.max_memory_allocated``; CPU: resident set size sampled every millisecond in
-one more step, since the sampling thread slows the step it watches). FLOPs: matrix products and
+(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the C heap in use, :func:`heap_in_use`, or where
+glibc does not report it the resident set size, sampled every millisecond in one more step, since
+the sampling thread slows the step it watches). FLOPs: matrix products and
 attention of one step, counted by ``torch.utils.flop_counter.FlopCounterMode``.
 """
 from __future__ import annotations
@@ -40,17 +41,14 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakRSS:
-    """Peak RSS above the value at entry, sampled by a background thread every millisecond.
-    ``malloc_trim`` first returns memory freed by earlier steps to the OS, so the delta counts
-    what this step allocates (activations, gradients, optimizer-state growth)."""
+class _PeakSampler:
+    """Peak of ``read()`` above its value at entry, sampled by a background thread every millisecond."""
+
+    def read(self) -> int:
+        raise NotImplementedError
 
     def __enter__(self):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.base = self.peak = rss()
+        self.base = self.peak = self.read()
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -58,14 +56,79 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop:
-            self.peak = max(self.peak, rss())
+            self.peak = max(self.peak, self.read())
             time.sleep(0.001)
 
     def __exit__(self, *exc):
         self._stop = True
         self._thread.join()
-        self.peak = max(self.peak, rss())
+        self.peak = max(self.peak, self.read())
         self.delta = self.peak - self.base
+
+
+class PeakRSS(_PeakSampler):
+    """Peak RSS above the value at entry. ``malloc_trim`` first returns memory freed by earlier
+    steps to the OS, so the delta counts what this step allocates (activations, gradients,
+    optimizer-state growth), plus what the allocator keeps of it after freeing."""
+
+    def read(self) -> int:
+        return rss()
+
+    def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        return super().__enter__()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_in_use() -> int | None:
+    """Bytes the C allocator has handed out and not yet taken back (glibc ``mallinfo2``: heap
+    chunks in use plus mmapped blocks), or None where that is not available. Torch allocates CPU
+    tensors through it, so this is the CPU counterpart of ``torch.cuda.memory_allocated``: memory
+    freed but kept by the allocator (fragmentation, arenas) is not counted, unlike in the RSS."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakHeap(_PeakSampler):
+    """Peak of :func:`heap_in_use` above the value at entry."""
+
+    def read(self) -> int:
+        return heap_in_use()
+
+
+def memory_meter(device: torch.device):
+    """``(name, context manager class or factory)`` of the peak-memory measure used on ``device``:
+    CUDA's allocator statistics, the C heap in use on a CPU with glibc, else the sampled RSS, else
+    None (no measure)."""
+    if device.type == "cuda":
+        return "CUDA allocated", lambda: PeakCUDA(device)
+    if heap_in_use() is not None:
+        return "heap in use", PeakHeap
+    if os.path.exists("/proc/self/statm"):
+        return "RSS", PeakRSS
+    return None, None
 
 
 class PeakCUDA:
@@ -183,11 +246,10 @@ def measure(model, method: str, optimizer, batch: dict, variants: list[Variant],
             run(v)
             synchronize(device)
             v.times.append(time.perf_counter() - t0)
-    if memory and device.type != "cuda" and not os.path.exists("/proc/self/statm"):
-        memory = False  # the RSS sampler reads Linux's /proc; elsewhere the column stays empty
+    meter = memory_meter(device)[1] if memory else None  # none there: the column stays empty
     for v in variants:
-        if memory:
-            with PeakCUDA(device) if device.type == "cuda" else PeakRSS() as peak:
+        if meter is not None:
+            with meter() as peak:
                 run(v)
             v.memory = float(peak.delta)
         if flops:
@@ -263,7 +325,7 @@ def run_bench(recipe: Recipe, methods=("l2d", "lora"), batch: int = 4, seq_len: 
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return {"device": str(dev), "model": recipe.model.name_or_path, "mixed_precision": recipe.train.mixed_precision,
-            "batch": shape, "rows": rows}
+            "batch": shape, "rows": rows, "memory_measure": memory_meter(dev)[0] if memory else None}
 
 
 def format_table(result: dict) -> str:
@@ -272,7 +334,9 @@ def format_table(result: dict) -> str:
     ref = next((r for r in rows if r["method"] == "lora"), None)
     b = result["batch"]
     lines = [f"{result['model']} on {result['device']} (mixed precision: {result['mixed_precision']}), batch "
-             f"{b['batch'][0]} x {b['batch'][1]}: {b['tokens']} tokens, {b['supervised']} supervised",
+             f"{b['batch'][0]} x {b['batch'][1]}: {b['tokens']} tokens, {b['supervised']} supervised"
+             + (f"; peak memory: {result['memory_measure']} above the start of the step"
+                if result.get("memory_measure") else ""),
              "",
              "| method | trainable params | step time (s) | tokens/s | peak memory (MiB) | GFLOPs/step "
              "| time vs LoRA | memory vs LoRA | FLOPs vs LoRA |",

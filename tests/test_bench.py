@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from l2d.bench import format_table, run_bench, synthetic_batch
+from l2d.bench import PeakHeap, format_table, heap_in_use, memory_meter, run_bench, synthetic_batch
 from l2d.cli import build_parser, main
 from l2d.recipe import RecipeError, recipe_from_dict
 from tiny import tiny_base
@@ -85,6 +85,22 @@ def test_cpu_memory_is_measured(base_dir):
     result = run_bench(_recipe(base_dir), methods=("lora",), batch=2, seq_len=12, repeats=1, warmup=1,
                        device="cpu", flops=False, progress=False)
     assert result["rows"][0]["memory"] >= 0 and math.isfinite(result["rows"][0]["memory"])
+    assert result["memory_measure"] == memory_meter(torch.device("cpu"))[0]
+    assert f"peak memory: {result['memory_measure']}" in format_table(result)
+
+
+@pytest.mark.skipif(heap_in_use() is None, reason="needs glibc's mallinfo2")
+def test_heap_in_use_sees_a_tensor_come_and_go():
+    """The heap measure counts a tensor while it lives and not after it is freed (what the RSS
+    may keep), so a step's peak is what it allocated at once."""
+    n = 64 * 2**20
+    assert memory_meter(torch.device("cpu"))[0] == "heap in use"
+    with PeakHeap() as peak:
+        x = torch.ones(n // 4)
+        held = heap_in_use() - peak.base
+        del x
+    assert held >= n * 0.99 and peak.delta >= n * 0.99
+    assert heap_in_use() - peak.base < n / 4
 
 
 @pytest.mark.parametrize("kwargs, match", [
