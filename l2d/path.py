@@ -269,17 +269,21 @@ class DiffusionBlock(nn.Module):
         dv = self.v_delta(x).view(shape).transpose(1, 2)
         return arch.apply_rotary(self.index, dk, cos_sin), dv
 
-    def modulation(self, c: torch.Tensor):
-        """(dw1, shift1, gate1, dw2, shift2, gate2), each [B, Tq, H]; all zero at init (gates 1 when
-        the stream starts from the main path)."""
-        dw1, shift1, gate1, dw2, shift2, gate2 = self.adaln(c).float().chunk(6, dim=-1)
+    def modulation(self, c_act: torch.Tensor):
+        """(dw1, shift1, gate1, dw2, shift2, gate2), each [B, Tq, H], from ``c_act = SiLU(c)``; all zero
+        at init (gates 1 when the stream starts from the main path).
+
+        ``adaln`` is ``Sequential(SiLU, Linear)``; the caller applies the SiLU once for all blocks, so
+        that backward keeps one ``SiLU(c)`` rather than one per block."""
+        dw1, shift1, gate1, dw2, shift2, gate2 = self.adaln[1](c_act).float().chunk(6, dim=-1)
         if self.open_gates:
             gate1, gate2 = 1 + gate1, 1 + gate2
         return dw1, shift1, gate1, dw2, shift2, gate2
 
-    def forward(self, arch: ArchAdapter, h: torch.Tensor, c: torch.Tensor, ctx: "StreamContext", modulation=None):
+    def forward(self, arch: ArchAdapter, h: torch.Tensor, c_act: torch.Tensor, ctx: "StreamContext", modulation=None):
+        """One block on the stream ``h`` [B, Tq, H]; ``c_act = SiLU(c)``, or ``modulation`` precomputed."""
         i = self.index
-        dw1, shift1, gate1, dw2, shift2, gate2 = self.modulation(c) if modulation is None else modulation
+        dw1, shift1, gate1, dw2, shift2, gate2 = self.modulation(c_act) if modulation is None else modulation
         a = _modulated_norm(arch, i, "attn_norm", h, dw1, shift1)
         attn_out = self.attention(arch, a, ctx)
         if arch.spec.post_attn_norm:
@@ -522,7 +526,8 @@ class DiffusionPath(nn.Module):
         s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
         # the encoder reads x_t / s(t), or t x_t / s(t)^2 = E[z | x_t] (linear, unit-variance z)
         x_scale = 1 / s if self.config.encoder_input == "scaled" else t.float().unsqueeze(-1) / s**2
-        mods = [block.modulation(c) for block in self.stream_blocks] if modulations else None
+        c_act = F.silu(c) if modulations else None
+        mods = [block.modulation(c_act) for block in self.stream_blocks] if modulations else None
         return TimeConditioning(c, gate, x_scale, mods, bool(at_zero.all()))
 
     def forward(self, arch: ArchAdapter, ctx: StreamContext, h_main: torch.Tensor, x_t: torch.Tensor,
@@ -547,12 +552,13 @@ class DiffusionPath(nn.Module):
                 raise ValueError("stream_init='main' needs h_start, the main path's input to the stream's "
                                  "first layer.")
             h = h + h_start.float()
+        c_act = F.silu(cond.c) if cond.modulations is None else None  # each block's adaLN input
         for i, block in enumerate(self.stream_blocks):
             modulation = None if cond.modulations is None else cond.modulations[i]
             if checkpoint and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, arch, h, cond.c, ctx, modulation, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, arch, h, c_act, ctx, modulation, use_reentrant=False)
             else:
-                h = block(arch, h, cond.c, ctx, modulation=modulation)
+                h = block(arch, h, c_act, ctx, modulation=modulation)
         return self.merged(h_main, h, cond.gate)
 
     def merged(self, h_main, h_f, gate):
