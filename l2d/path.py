@@ -100,6 +100,15 @@ class DeltaSwitch:
             self.on = prev
 
     @contextlib.contextmanager
+    def paused(self):
+        """The MLP delta hooks off (the caller adds the deltas itself), the context flag kept."""
+        prev, self.on = self.on, False
+        try:
+            yield
+        finally:
+            self.on = prev
+
+    @contextlib.contextmanager
     def context_pass(self):
         prev = self.on, self.context
         self.on = self.context = True
@@ -146,6 +155,9 @@ class MLPDeltas(nn.Module):
         if (parts is not None and all(name is None or name in self.deltas for name in parts[:3])
                 and callable(getattr(mlp, parts[3], None))):
             self.parts = parts
+            if in_context:  # the context pass calls the module: lend it the lean forward there
+                self._context_forward = _ContextForward(mlp, self)
+                mlp.forward = self._context_forward
 
     def _hook(self, key: str):
         def hook(module, inputs, output):
@@ -158,6 +170,10 @@ class MLPDeltas(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        lent = getattr(self, "_context_forward", None)
+        if lent is not None and lent.mlp.__dict__.get("forward") is lent:
+            del lent.mlp.forward  # the class's forward again
+        self._context_forward = None
 
     def forward(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.parts is not None and not self.switch.on and not mlp.training:
@@ -168,6 +184,27 @@ class MLPDeltas(nn.Module):
         if self.parallel is not None:
             out = out + self.parallel(x).to(out.dtype)
         return out
+
+
+class _ContextForward:
+    """Stands in for a frozen MLP's ``forward`` (an instance attribute, removed by
+    :meth:`MLPDeltas.remove_hooks`). In the adapted context pass, which calls the module over every
+    position, it runs the MLP through :func:`stream_mlp` with the deltas added there and the
+    projections' hooks paused: the same result, two intermediates kept for backward instead of
+    four. Anywhere else (the main path, the base used alone) it is the module's own forward."""
+
+    def __init__(self, mlp: nn.Module, owner: MLPDeltas):
+        self.mlp = mlp
+        self.owner = owner
+        self.original = mlp.forward
+
+    def __call__(self, x, *args, **kwargs):
+        owner = self.owner
+        if owner.switch.context and owner.switch.on and owner.parts is not None and not (args or kwargs) \
+                and not self.mlp.training:
+            with owner.switch.paused():
+                return stream_mlp(self.mlp, owner.parts, owner.deltas, x)
+        return self.original(x, *args, **kwargs)
 
 
 # --- conditioning, encoder, merge ----------------------------------------------------------

@@ -110,3 +110,72 @@ def test_whole_model_loss_and_grads_unchanged_by_fusion():
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(fused_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _set_parts(model, parts_list):
+    for block, parts in zip(model.path.blocks, parts_list):
+        block.mlp_deltas.parts = parts
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_adapted_context_pass_runs_the_lean_mlp_with_the_same_result(family):
+    """context='adapted': the frozen layers run over every position with the deltas on; their MLPs
+    go through the lean forward there, with the same loss and gradients as the module with hooks,
+    and keep two intermediates per layer instead of four."""
+    model = get_l2d_model(tiny_base(family), tiny_config(context="adapted")).train()
+    randomize_path(model)
+    ids, labels = batch(seed=4)
+    mask = torch.ones_like(ids)
+    t = torch.full(ids.shape, 0.7)
+    inter = model.base_model.config.intermediate_size if family != "gpt2" else 4 * 32
+    params = [p for p in model.path.parameters() if p.requires_grad]
+
+    def run():
+        torch.manual_seed(0)  # the same noise for both
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, t=t, self_conditioning=False).loss
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        wide = {x.untyped_storage().data_ptr() for x in saved if x.dim() and x.shape[-1] == inter} - weights
+        return loss, torch.autograd.grad(loss, params), len(wide)
+
+    lean_loss, lean_grads, lean_kept = run()
+    parts = [b.mlp_deltas.parts for b in model.path.blocks]
+    _set_parts(model, [None] * len(parts))
+    try:
+        plain_loss, plain_grads, plain_kept = run()
+    finally:
+        _set_parts(model, parts)
+    torch.testing.assert_close(lean_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(lean_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # every MLP run, the stream's and the context pass's, keeps g (and u) only: one per run of the
+    # down projection, twice that for gated MLPs (the op-by-op path also keeps act(g) and p, and
+    # gpt2's tanh-approximated GELU its own intermediates)
+    runs = []
+    down = SPECS[family].mlp_parts[2]
+    handles = [getattr(model.arch.mlp(i), down).register_forward_hook(
+        lambda *a: runs.append(1) if torch.is_grad_enabled() else None)  # not the no-grad main path
+               for i in range(model.arch.num_layers)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    per_run = 2 if SPECS[family].mlp_parts[1] else 1
+    assert len(runs) > model.arch.num_layers  # the context pass ran MLPs too, not only the stream
+    assert lean_kept == per_run * len(runs) < plain_kept, (lean_kept, len(runs), plain_kept)
+
+
+def test_the_base_mlp_is_its_own_again_after_unload():
+    base = tiny_base("llama")
+    x = torch.randn(2, 3, 32)
+    before = base.model.layers[0].mlp(x)
+    model = get_l2d_model(base, tiny_config(context="adapted"))
+    randomize_path(model)
+    mlp = base.model.layers[0].mlp
+    assert "forward" in mlp.__dict__  # the lean forward is lent for the context pass
+    torch.testing.assert_close(mlp(x), before)  # outside the context pass: the module's own result
+    model.unload()
+    assert "forward" not in mlp.__dict__ and not mlp._forward_hooks
+    torch.testing.assert_close(mlp(x), before)
