@@ -155,7 +155,9 @@ class MLPDeltas(nn.Module):
         if (parts is not None and all(name is None or name in self.deltas for name in parts[:3])
                 and callable(getattr(mlp, parts[3], None))):
             self.parts = parts
-            if in_context:  # the context pass calls the module: lend it the lean forward there
+            if in_context and "forward" not in mlp.__dict__:
+                # the context pass calls the module: lend it the lean forward there (not when
+                # something else, e.g. an accelerate hook, has already replaced its forward)
                 self._context_forward = _ContextForward(mlp, self)
                 mlp.forward = self._context_forward
 
