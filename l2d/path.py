@@ -48,8 +48,16 @@ class LowRankDelta(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.A.dtype)
-        return F.linear(F.linear(x, self.A), self.B) * self.scale
+        return self.finish(F.linear(x.to(self.A.dtype), self.A))
+
+    @property
+    def first_weight(self) -> torch.Tensor:
+        """The weight applied first (``A``): ``l2d/stream_mlp.py`` fuses that matmul with the activation."""
+        return self.A
+
+    def finish(self, r: torch.Tensor) -> torch.Tensor:
+        """The rest after ``r = A x``: ``(alpha / r) B r``."""
+        return F.linear(r, self.B) * self.scale
 
 
 class FullDelta(nn.Module):
@@ -61,6 +69,14 @@ class FullDelta(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.D.dtype), self.D)
+
+    @property
+    def first_weight(self) -> torch.Tensor:
+        return self.D
+
+    def finish(self, r: torch.Tensor) -> torch.Tensor:
+        """Nothing after ``D x``."""
+        return r
 
 
 def make_delta(config: L2DConfig, in_features: int, out_features: int) -> nn.Module:
@@ -92,30 +108,27 @@ class DeltaSwitch:
         self.context = False
 
     @contextlib.contextmanager
-    def active(self):
-        prev, self.on = self.on, True
-        try:
-            yield
-        finally:
-            self.on = prev
-
-    @contextlib.contextmanager
-    def paused(self):
-        """The MLP delta hooks off (the caller adds the deltas itself), the context flag kept."""
-        prev, self.on = self.on, False
-        try:
-            yield
-        finally:
-            self.on = prev
-
-    @contextlib.contextmanager
-    def context_pass(self):
+    def _set(self, on: bool, context: bool | None = None):
         prev = self.on, self.context
-        self.on = self.context = True
+        self.on = on
+        if context is not None:
+            self.context = context
         try:
             yield
         finally:
             self.on, self.context = prev
+
+    def active(self):
+        """The MLP delta hooks on."""
+        return self._set(True)
+
+    def paused(self):
+        """The MLP delta hooks off (the caller adds the deltas itself), the context flag kept."""
+        return self._set(False)
+
+    def context_pass(self):
+        """Every delta hook on: the frozen layers run as the adapted context."""
+        return self._set(True, context=True)
 
 
 def _context_delta_hook(switch: DeltaSwitch, delta: nn.Module):

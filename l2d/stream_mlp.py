@@ -64,23 +64,12 @@ class ActivationProject(torch.autograd.Function):
         return dg, du, dA, None
 
 
-def first_weight(delta: nn.Module) -> torch.Tensor:
-    """The weight a delta applies first: ``A`` of a low-rank delta, ``D`` of a full one."""
-    return delta.A if hasattr(delta, "A") else delta.D
-
-
-def finish(delta: nn.Module, r: torch.Tensor) -> torch.Tensor:
-    """The rest of the delta after its first matmul: ``(alpha / r) B r`` (low-rank) or ``r`` (full)."""
-    if hasattr(delta, "A"):
-        return F.linear(r, delta.B) * delta.scale
-    return r
-
-
 def stream_mlp(mlp: nn.Module, parts: tuple, deltas, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` plus its deltas, through :class:`ActivationProject`.
 
     ``parts``: the MLP's attribute names ``(gate or fc, up or None, down, activation)`` (from the
-    family's :class:`~l2d.arch.ArchSpec`); ``deltas``: ModuleDict keyed like :class:`MLPDeltas`.
+    family's :class:`~l2d.arch.ArchSpec`); ``deltas``: ModuleDict keyed like :class:`MLPDeltas`, each
+    with ``first_weight`` and ``finish`` (the low-rank and full deltas of ``l2d/path.py``).
     The frozen projections are called as modules, so their delta hooks must be switched off.
     """
     gate_name, up_name, down_name, act_name = parts
@@ -92,6 +81,6 @@ def stream_mlp(mlp: nn.Module, parts: tuple, deltas, x: torch.Tensor) -> torch.T
         u = getattr(mlp, up_name)(x)
         u = u + deltas[up_name](x).to(u.dtype)
     down = deltas[down_name]
-    p, r = ActivationProject.apply(g, u, first_weight(down), getattr(mlp, act_name))
+    p, r = ActivationProject.apply(g, u, down.first_weight, getattr(mlp, act_name))
     out = down_mod(p)
-    return out + finish(down, r).to(out.dtype)
+    return out + down.finish(r).to(out.dtype)
