@@ -64,6 +64,7 @@ class PositionGate:
 def answer_only_training():
     """Patch ``l2d.train`` so that LoRA models it builds act only at supervised positions."""
     import l2d.train as train_mod
+    from l2d.baseline_loss import inner
 
     build, loss = train_mod.build_model, train_mod.batch_loss
     gates = {}
@@ -73,8 +74,8 @@ def answer_only_training():
         gates[id(model)] = PositionGate().attach(model)
         return model
 
-    def batch_loss(model, method, batch):
-        with gates[id(model)].positions(batch["labels"]):
+    def batch_loss(model, method, batch):  # l2d train hands over the LoRA inside a ResponseLoss
+        with gates[id(inner(model))].positions(batch["labels"]):
             return loss(model, method, batch)
 
     train_mod.build_model, train_mod.batch_loss = build_model, batch_loss

@@ -106,8 +106,11 @@ def set_rng_state(tensors: dict, extra: dict) -> None:
 
 # ------------------------------------------------------------------------------ save / load
 def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, state: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` atomically (temp folder, then rename) and keep the last `keep_last`."""
+                    optimizer: torch.optim.Optimizer | None, state: dict, keep_last: int = 2) -> Path:
+    """Write checkpoint `step` atomically (temp folder, then rename) and keep the last `keep_last`.
+
+    `optimizer` None (and `weights` empty): FSDP / DeepSpeed runs, whose sharded weights and optimizer
+    state accelerate writes beside this folder's step, data position and RNG state."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -115,7 +118,7 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, torch.
     tmp.mkdir()
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+        opt_tensors, opt_meta = optimizer_tensors(optimizer) if optimizer is not None else ({}, None)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors, rng_extra = rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")

@@ -32,7 +32,15 @@ def run_train(args) -> int:
     from .train import train
 
     recipe = load_recipe(args.recipe, args.set)
-    summary = train(recipe, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
+    try:
+        summary = train(recipe, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
+    finally:
+        # A process that exits with its process group alive can abort while the communication
+        # threads (gloo, DeepSpeed's) are torn down, failing a run that finished.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return EXIT_INTERRUPTED if summary["stopped"] == "interrupted" else 0
 
 

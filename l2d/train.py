@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from . import ds_engine
+from .baseline_loss import ResponseLoss, inner, inner_state_dict, is_response_loss, response_loss
 from .batching import Collator, length_grouped_batches
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_optimizer_tensors, \
     save_checkpoint, set_rng_state
@@ -176,38 +178,32 @@ def optimizer_groups(model, recipe: Recipe) -> list[dict]:
                                                                                    not kv[0][2]))]
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def base_fingerprint(base) -> dict:
-    emb = base.get_input_embeddings().weight
-    return {"model_type": base.config.model_type, "vocab_size": int(emb.shape[0]),
-            "hidden_size": int(emb.shape[1]), "num_parameters": sum(p.numel() for p in base.parameters())}
+    vocab, hidden = full_shape(base.get_input_embeddings().weight)
+    return {"model_type": base.config.model_type, "vocab_size": int(vocab), "hidden_size": int(hidden),
+            "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())}
 
 
 def batch_loss(model, method: str, batch: dict) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over supervised tokens, their count) of one micro-batch.
 
-    The baselines get the same economy as L2D: the backbone runs over the whole sequence, but the
-    vocabulary head and the cross-entropy only at supervised positions, chunked, so neither pays
-    for [tokens, vocab] logits it does not use.
+    The baselines get the same economy as L2D (:mod:`l2d.baseline_loss`): the head and the
+    cross-entropy only at supervised positions. ``model`` is an L2D model, a baseline, or a baseline
+    inside :class:`~l2d.baseline_loss.ResponseLoss` (what ``l2d train`` hands to DDP/FSDP/DeepSpeed),
+    whose forward then computes the loss.
     """
     if method == "l2d":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     class_labels=batch["class_labels"], reduction="sum")
         return out.loss, int(out.num_tokens)
-    import l2d_kernels
-
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    supervised = targets != IGNORE_INDEX
-    head = causal_lm.get_output_embeddings()
-    cfg = causal_lm.config
-    scaling = getattr(cfg, "logits_scaling", None)
-    loss = l2d_kernels.linear_cross_entropy(
-        hidden[:, :-1][supervised], head.weight, targets[supervised], bias=getattr(head, "bias", None),
-        softcap=getattr(cfg, "final_logit_softcapping", None) or None,
-        logit_scale=None if scaling in (None, 1, 1.0) else 1.0 / scaling, reduction="sum")
-    return loss, int(supervised.sum())
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    return (model(*args) if is_response_loss(model) else response_loss(model, *args)), n
 
 
 def _resume_values(d: dict) -> dict:
@@ -315,8 +311,10 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     from accelerate.utils import DistributedType, set_seed
 
     t = recipe.train
-    # Several processes and no GPU (torchrun on a CPU machine): accelerate wants cpu=True for gloo DDP.
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # Several processes and no GPU (torchrun on a CPU machine): accelerate wants cpu=True for gloo DDP
+    # (with cpu=True it would also ignore a DeepSpeed launch, which runs on gloo by itself).
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() \
+        and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_ddp)
     P, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if t.batch_size % (t.micro_batch_size * P):
@@ -352,7 +350,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
         dataset, reports = build_dataset(recipe.data.sources, tokenizer, max_length=recipe.data.max_length,
                                          categories=categories, chat_template=recipe.data.chat_template,
                                          system_prompt=recipe.data.system_prompt)
-    vocab = base.get_input_embeddings().weight.shape[0]
+    vocab = full_shape(base.get_input_embeddings().weight)[0]
     if len(tokenizer) > vocab:
         logger.warning("tokenizer has %d tokens, the model %d rows; ids are checked per batch", len(tokenizer), vocab)
     if len(dataset) < t.batch_size:
@@ -368,8 +366,12 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     n_trainable = sum(p.numel() for p in params)
+    if ds_engine.is_deepspeed(accelerator):
+        ds_engine.configure(accelerator, t)
+    if recipe.method != "l2d":  # the baseline's loss runs inside the distributed wrapper's forward
+        model = ResponseLoss(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = inner(accelerator.unwrap_model(model))  # the L2D model or the baseline: names, saving
 
     def batches_of_epoch(epoch: int) -> list[list[int]]:
         if t.group_by_length:
@@ -417,7 +419,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
         path = None
         if main:
             weights = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-            opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+            opt = None if sharded_state else optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
             path = save_checkpoint(out_dir, step, {} if sharded_state else weights, opt, state, t.keep_last)
         if sharded_state:  # FSDP / DeepSpeed shard the optimizer: every process writes its part,
             # into a temporary folder that the main process renames once all parts are written
@@ -467,6 +469,10 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
                                    sum(int(b["attention_mask"].sum()) for _, b in micro)],
                                   dtype=torch.float64, device=accelerator.device)
             n_sup, n_tok = accelerator.reduce(counts, "sum").tolist() if P > 1 else counts.tolist()
+            # Set before the first backward: DeepSpeed's engine steps inside the last one.
+            lr = lr_at(step, total_steps, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             for a, (g, batch) in enumerate(micro):
                 torch.manual_seed(micro_seed(t.seed, step, g))
@@ -481,17 +487,14 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
                         bad = bool(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum") > 0)
                     if bad:
                         raise _NonFinite(step + 1)
-                    accelerator.backward(loss * (P / n_sup))
+                    ds_engine.backward(accelerator, model, loss * (P / n_sup), boundary=sync)
                 loss_sum += loss.detach().double()
             grad_norm = accelerator.clip_grad_norm_(params if not sharded_state else model.parameters(),
                                                     t.grad_clip if t.grad_clip > 0 else float("inf"))
-            if grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
+            if grad_norm is not None:  # DeepSpeed: the norm its engine clipped by, after its step
                 grad_norm = float(grad_norm)
                 if not math.isfinite(grad_norm):
                     raise _NonFinite(step + 1, what="gradient norm")
-            lr = lr_at(step, total_steps, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -511,10 +514,14 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
             if t.save_every and step % t.save_every == 0 and step < total_steps:
                 save(step)
     except _NonFinite as e:
-        path = save(step)
+        # DeepSpeed's engine reports its gradient norm after it stepped: the live weights are no longer
+        # the last good state, so the newest checkpoint is.
+        stepped = e.what == "gradient norm" and ds_engine.is_deepspeed(accelerator)
+        path = None if stepped else save(step)
         bar.close()
+        good = "the newest checkpoint" if stepped else f"after step {step}"
         raise TrainingError(f"non-finite {e.what} at step {e.step} (the {recipe.method} run stopped; the last "
-                            f"good state, after step {step}, is saved in {path or out_dir / 'checkpoints'}). "
+                            f"good state, {good}, is saved in {path or out_dir / 'checkpoints'}). "
                             "Lower train.lr, check the data, or use bf16 instead of fp16.") from None
     except KeyboardInterrupt:
         stopped = "interrupted"
@@ -528,7 +535,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
         accelerator.wait_for_everyone()
         save(step)  # the final state, so --resume with a larger max_steps can extend the run
         # FSDP / DeepSpeed shard the weights: gather them (a collective, so every process calls it)
-        gathered = {"state_dict": accelerator.get_state_dict(model)} if sharded_state else {}
+        gathered = {"state_dict": inner_state_dict(accelerator.get_state_dict(model))} if sharded_state else {}
         if main:
             unwrapped.save_pretrained(str(out_dir), **gathered)
             if recipe.method == "full":
@@ -537,6 +544,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
             print(f"Saved the {recipe.method} weights and the recipe to {out_dir}", flush=True)
     if sinks is not None:
         sinks.close()
+    accelerator.wait_for_everyone()  # every process returns once the main one has written everything
     return {"steps": step, "loss": last_loss, "output_dir": str(out_dir), "stopped": stopped,
             "trainable_parameters": n_trainable, "examples": len(lengths), "data_reports": reports}
 

@@ -1,4 +1,4 @@
-"""Training: recipe errors, adapters that load, exact resume, NaN handling, baselines, DDP = 1 process."""
+"""Training: recipe errors, adapters that load, exact resume, NaN handling, baselines, DDP and DeepSpeed = 1 process."""
 import json
 import os
 import subprocess
@@ -280,6 +280,30 @@ def test_baselines_run_through_the_same_script(tmp_path, base_dir, data_file, me
         assert summary["trainable_parameters"] < sum(p.numel() for p in tiny_base("llama").parameters()) / 5
 
 
+@pytest.mark.parametrize("method", ["l2d", "lora"])
+def test_mixed_precision_reaches_every_method(tmp_path, base_dir, data_file, monkeypatch, method):
+    """train.mixed_precision is accelerate's autocast around the prepared model's forward; the
+    baselines' loss must run inside that forward (it once called the backbone directly, in fp32)."""
+    seen = set()
+    build = train_mod.build_model
+
+    def spy(recipe, base):
+        model = build(recipe, base)
+        base.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        return model
+
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(train_mod, "build_model", spy)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: earlier tests ran fp32
+    try:
+        train(recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "run", method=method, max_steps=1,
+                                           save_every=0, mixed_precision="bf16")))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("problem, match", [
     ("no_examples", "no usable examples"),
     ("no_template", "no chat template"),
@@ -302,12 +326,15 @@ def test_bad_data_gives_clear_errors(tmp_path, base_dir, data_file, problem, mat
         train(recipe_from_dict(raw))
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, base_dir, data_file):
-    """Same global batch (4): 1 process x 2 accumulation steps vs 2 gloo processes (DDP) x 1."""
+@pytest.mark.parametrize("method", ["l2d", "lora"])
+def test_two_process_ddp_matches_one_process(tmp_path, base_dir, data_file, method):
+    """Same global batch (4): 1 process x 2 accumulation steps vs 2 gloo processes (DDP) x 1. The
+    baseline's loss must run inside DDP's forward (DDP arms its gradient all-reduce there)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    train(recipe_from_dict(make_recipe(base_dir, data_file, one, max_steps=3, save_every=0)))
+    kw = dict(method=method, max_steps=3, save_every=0)
+    train(recipe_from_dict(make_recipe(base_dir, data_file, one, **kw)))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, two, max_steps=3, save_every=0)))
+    recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, two, **kw)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     # accelerate's CPU launcher runs one process unless under mpirun; torchrun starts 2 gloo ranks
     # and the Accelerator inside picks them up (MULTI_CPU).
@@ -317,10 +344,104 @@ def test_two_process_ddp_matches_one_process(tmp_path, base_dir, data_file):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) x 1 accumulation" in proc.stderr
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert _same_weights(one, two, "l2d_model.safetensors" if method == "l2d" else "adapter_model.safetensors")
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+
+
+def _deepspeed_train(config: str, recipe: Path, *extra: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """`l2d train` on 2 CPU ranks under recipes/accelerate/`config`, with the environment that
+    `accelerate launch --config_file` exports from it (but fp32: the CPU ranks run no bf16);
+    tests/ds_launch.py lets accelerate see CPU ranks."""
+    ds = yaml.safe_load((ACCELERATE_CONFIGS / config).read_text())["deepspeed_config"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no",
+           "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds["zero_stage"]),
+           "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": str(ds["gradient_accumulation_steps"]),
+           "ACCELERATE_GRADIENT_CLIPPING": str(ds["gradient_clipping"]),
+           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ds["offload_optimizer_device"],
+           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ds["offload_param_device"],
+           "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(ds["zero3_init_flag"]).lower(),
+           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": str(ds.get("zero3_save_16bit_model", False)).lower()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("ds_launch.py")), "train", str(recipe), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln]  # the ranks' own, before torchrun's
+    assert (proc.returncode == 0) == ok, "\n".join(errors[:20]) + proc.stderr[-2000:]
+    return proc
+
+
+def _same_weights(one: Path, two: Path, name: str) -> bool:
     from safetensors.torch import load_file
 
-    a, b = load_file(one / "l2d_model.safetensors"), load_file(two / "l2d_model.safetensors")
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    a, b = load_file(one / name), load_file(two / name)
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_matches_one_process_and_resumes(tmp_path, base_dir, data_file):
+    """DeepSpeed ZeRO-2 with accumulation (global batch 8 = 2 ranks x 2 micro-batches x 2), stopped
+    after 2 of 3 steps and resumed from its sharded checkpoint: the same loss curve (hence the same
+    token-count normalisation, learning rate per step and clipping) and adapter as one process."""
+    pytest.importorskip("deepspeed")
+    one, two = tmp_path / "one", tmp_path / "two"
+    kw = dict(max_steps=3, save_every=0, batch_size=8, grad_clip=0.05)  # small clip: DeepSpeed must clip too
+    train(recipe_from_dict(make_recipe(base_dir, data_file, one, **kw)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, two, **kw)))
+    first = _deepspeed_train("zero2.yaml", recipe, "--stop-after", "2")
+    assert "2 process(es) x 2 accumulation x 2" in first.stderr
+    assert (two / "checkpoints" / "step-000002" / "accelerate_state").is_dir()
+    _deepspeed_train("zero2.yaml", recipe, "--resume", str(two))
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert _same_weights(one, two, "l2d_model.safetensors")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_trains_the_lora_baseline_as_one_process(tmp_path, base_dir, data_file):
+    """ZeRO-3 partitions the weights (the base loads partitioned, the head is gathered only inside
+    its own forward): the LoRA baseline's curve and adapter are still those of one process."""
+    pytest.importorskip("deepspeed")
+    one, two = tmp_path / "one", tmp_path / "two"
+    kw = dict(method="lora", max_steps=3, save_every=0, batch_size=8)
+    train(recipe_from_dict(make_recipe(base_dir, data_file, one, **kw)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, two, **kw)))
+    _deepspeed_train("zero3.yaml", recipe)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert _same_weights(one, two, "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_refuses_method_l2d_before_loading_the_base(tmp_path, base_dir, data_file):
+    pytest.importorskip("deepspeed")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, tmp_path / "run", max_steps=3)))
+    proc = _deepspeed_train("zero3.yaml", recipe, ok=False)
+    assert "method l2d cannot run under DeepSpeed ZeRO-3" in proc.stderr and "zero2.yaml" in proc.stderr
+    assert "Loading weights" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_deepspeed_config_follows_the_recipe(caplog):
+    """l2d train owns accumulation and clipping: a DeepSpeed config that says otherwise is overridden,
+    with a warning that names the key."""
+    from types import SimpleNamespace
+
+    from l2d import ds_engine
+
+    config = {"gradient_accumulation_steps": 4, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": "auto"}
+    accelerator = SimpleNamespace(num_processes=8, state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    with caplog.at_level("WARNING", logger="l2d.ds_engine"):
+        ds_engine.configure(accelerator, SimpleNamespace(micro_batch_size=2, grad_clip=0.5))
+    assert config == {"gradient_accumulation_steps": 1, "gradient_clipping": 0.5,
+                      "train_micro_batch_size_per_gpu": 2, "train_batch_size": 16}
+    assert "gradient_accumulation_steps=4" in caplog.text and "gradient_clipping=1.0" in caplog.text
+    config.update(gradient_clipping="auto")
+    caplog.clear()
+    ds_engine.configure(accelerator, SimpleNamespace(micro_batch_size=2, grad_clip=0.0))  # 0: no clipping
+    assert config["gradient_clipping"] == 0.0 and not caplog.text
 
 
 @pytest.mark.parametrize("family", ["llama", "granite", "gemma2"])

@@ -1,0 +1,78 @@
+"""The baselines' training loss (``method: lora`` and ``method: full``), economical and wrappable.
+
+The backbone runs over the whole sequence, but the vocabulary head and the cross-entropy only at
+supervised positions, chunked, so a baseline pays for no ``[tokens, vocab]`` logits it does not use
+(the same economy as L2D's loss):
+
+    loss = sum_{i : y_{i+1} supervised} CE(head(h_i), y_{i+1})
+
+Under DDP, FSDP or DeepSpeed this has to run inside the distributed wrapper's forward: DDP arms its
+gradient all-reduce there, FSDP gathers the sharded weights there, DeepSpeed casts and gathers
+there. :class:`ResponseLoss` is the module they wrap.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX
+
+
+def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over supervised tokens of a causal LM or a peft model of one."""
+    import l2d_kernels
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    head = causal_lm.get_output_embeddings()
+    cfg = causal_lm.config
+    scaling = getattr(cfg, "logits_scaling", None)
+    logit_scale = None if scaling in (None, 1, 1.0) else 1.0 / scaling
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    rows, targets = hidden[:, :-1][supervised], targets[supervised]
+    if hasattr(head.weight, "ds_id"):
+        # DeepSpeed ZeRO-3 gathers a weight only inside its module's forward: call the head, at the
+        # supervised rows only, and take the cross-entropy of its [rows, vocab] logits.
+        logits = head(rows).float()
+        if logit_scale is not None:
+            logits = logits * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return l2d_kernels.linear_cross_entropy(rows, head.weight, targets, bias=getattr(head, "bias", None),
+                                            softcap=softcap, logit_scale=logit_scale, reduction="sum")
+
+
+class ResponseLoss(nn.Module):
+    """``forward(input_ids, attention_mask, labels)`` = :func:`response_loss` of ``self.lm``.
+
+    Its parameters are the baseline's own under the prefix ``lm.``; :func:`inner` gets the model back
+    for naming and saving.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels):
+        return response_loss(self.lm, input_ids, attention_mask, labels)
+
+
+def is_response_loss(model) -> bool:
+    """Also through a DDP or DeepSpeed wrapper (``.module``); FSDP2 keeps the class itself."""
+    return isinstance(model, ResponseLoss) or isinstance(getattr(model, "module", None), ResponseLoss)
+
+
+def inner(model: nn.Module) -> nn.Module:
+    """The baseline inside a :class:`ResponseLoss` (an unwrapped one), else ``model`` itself."""
+    return model.lm if isinstance(model, ResponseLoss) else model
+
+
+def inner_state_dict(state: dict | None) -> dict | None:
+    """A gathered :class:`ResponseLoss` state dict under the baseline's own names (None, as DeepSpeed
+    ZeRO-3 gives to every process but the main one, stays None)."""
+    return None if state is None else {k.removeprefix("lm."): v for k, v in state.items()}
