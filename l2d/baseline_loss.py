@@ -34,9 +34,9 @@ def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logit_scale = None if scaling in (None, 1, 1.0) else 1.0 / scaling
     softcap = getattr(cfg, "final_logit_softcapping", None) or None
     rows, targets = hidden[:, :-1][supervised], targets[supervised]
-    if hasattr(head.weight, "ds_id"):
-        # DeepSpeed ZeRO-3 gathers a weight only inside its module's forward: call the head, at the
-        # supervised rows only, and take the cross-entropy of its [rows, vocab] logits.
+    if gathered_in_forward(head):
+        # The head's whole weight exists only inside its own forward: call it, at the supervised
+        # rows only, and take the cross-entropy of its [rows, vocab] logits.
         logits = head(rows).float()
         if logit_scale is not None:
             logits = logits * logit_scale
@@ -47,16 +47,39 @@ def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                             softcap=softcap, logit_scale=logit_scale, reduction="sum")
 
 
+def gathered_in_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is sharded outside its own forward: DeepSpeed ZeRO-3 partitions
+    it (``ds_id``), and FSDP2 keeps it sharded in a module it wrapped (accelerate gives the
+    embeddings and the final norm plus ``lm_head`` units of their own)."""
+    if hasattr(module.weight, "ds_id"):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
 class ResponseLoss(nn.Module):
     """``forward(input_ids, attention_mask, labels)`` = :func:`response_loss` of ``self.lm``.
 
     Its parameters are the baseline's own under the prefix ``lm.``; :func:`inner` gets the model back
-    for naming and saving.
+    for naming and saving. Other attributes are the baseline's, as peft's wrapper does it: accelerate
+    reads ``_no_split_modules`` (FSDP's per-layer wrapping), ``config`` and the tied weights off the
+    model it prepares.
     """
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (`lm` itself)
+        except AttributeError:
+            if name == "lm":
+                raise
+            return getattr(self.lm, name)
 
     def forward(self, input_ids, attention_mask, labels):
         return response_loss(self.lm, input_ids, attention_mask, labels)

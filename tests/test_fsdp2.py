@@ -1,7 +1,8 @@
 """FSDP2 as recipes/accelerate/fsdp2.yaml sets it up for method l2d (one root-level shard group,
-frozen base included), on 2 CPU processes with gloo. accelerate turns FSDP on only for GPU
-devices, so this drives torch's ``fully_shard`` directly: the training step must match one
-process on the whole batch, and the gathered weights must save as the whole path."""
+frozen base included), on 2 CPU processes with gloo, driving torch's ``fully_shard`` directly
+(both contexts): the training step must match one process on the whole batch, and the gathered
+weights must save as the whole path. tests/test_train.py runs the same through `l2d train` and
+accelerate (tests/cpu_launch.py)."""
 import os
 import sys
 

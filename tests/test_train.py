@@ -350,22 +350,28 @@ def test_two_process_ddp_matches_one_process(tmp_path, base_dir, data_file, meth
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 
 
-def _deepspeed_train(config: str, recipe: Path, *extra: str, ok: bool = True) -> subprocess.CompletedProcess:
-    """`l2d train` on 2 CPU ranks under recipes/accelerate/`config`, with the environment that
-    `accelerate launch --config_file` exports from it (but fp32: the CPU ranks run no bf16);
-    tests/ds_launch.py lets accelerate see CPU ranks."""
-    ds = yaml.safe_load((ACCELERATE_CONFIGS / config).read_text())["deepspeed_config"]
+def _launch(config: str, recipe: Path, *extra: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """`l2d train` on 2 CPU ranks under recipes/accelerate/`config` (DeepSpeed or FSDP), with the
+    environment that `accelerate launch --config_file` exports from it (but fp32: the CPU ranks run
+    no bf16); tests/cpu_launch.py lets accelerate run DeepSpeed and FSDP on CPU ranks."""
+    launch = yaml.safe_load((ACCELERATE_CONFIGS / config).read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no",
-           "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds["zero_stage"]),
-           "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": str(ds["gradient_accumulation_steps"]),
-           "ACCELERATE_GRADIENT_CLIPPING": str(ds["gradient_clipping"]),
-           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ds["offload_optimizer_device"],
-           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ds["offload_param_device"],
-           "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(ds["zero3_init_flag"]).lower(),
-           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": str(ds.get("zero3_save_16bit_model", False)).lower()}
+           "ACCELERATE_MIXED_PRECISION": "no"}
+    if launch["distributed_type"] == "FSDP":
+        env["ACCELERATE_USE_FSDP"] = "true"
+        env.update({k.upper(): str(v).lower() if isinstance(v, bool) else str(v)
+                    for k, v in launch["fsdp_config"].items()})
+    else:
+        ds = launch["deepspeed_config"]
+        env.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds["zero_stage"]),
+                    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": str(ds["gradient_accumulation_steps"]),
+                    "ACCELERATE_GRADIENT_CLIPPING": str(ds["gradient_clipping"]),
+                    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ds["offload_optimizer_device"],
+                    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ds["offload_param_device"],
+                    "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(ds["zero3_init_flag"]).lower(),
+                    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": str(ds.get("zero3_save_16bit_model", False)).lower()})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).with_name("ds_launch.py")), "train", str(recipe), *extra]
+           str(Path(__file__).with_name("cpu_launch.py")), "train", str(recipe), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln]  # the ranks' own, before torchrun's
     assert (proc.returncode == 0) == ok, "\n".join(errors[:20]) + proc.stderr[-2000:]
@@ -380,22 +386,26 @@ def _same_weights(one: Path, two: Path, name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_matches_one_process_and_resumes(tmp_path, base_dir, data_file):
-    """DeepSpeed ZeRO-2 with accumulation (global batch 8 = 2 ranks x 2 micro-batches x 2), stopped
-    after 2 of 3 steps and resumed from its sharded checkpoint: the same loss curve (hence the same
-    token-count normalisation, learning rate per step and clipping) and adapter as one process."""
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("config, method", [("zero2.yaml", "l2d"), ("fsdp2.yaml", "l2d"), ("fsdp2-layers.yaml", "lora")])
+def test_sharded_training_matches_one_process_and_resumes(tmp_path, base_dir, data_file, config, method):
+    """DeepSpeed ZeRO-2 / FSDP2 as the recipes' accelerate configs set them, with accumulation (global
+    batch 8 = 2 ranks x 2 micro-batches x 2), stopped after 2 of 3 steps and resumed from the
+    sharded checkpoint: the same loss curve (hence the same token-count normalisation, learning rate
+    per step and clipping) and weights as one process."""
+    if config.startswith("zero"):
+        pytest.importorskip("deepspeed")
     one, two = tmp_path / "one", tmp_path / "two"
-    kw = dict(max_steps=3, save_every=0, batch_size=8, grad_clip=0.05)  # small clip: DeepSpeed must clip too
+    kw = dict(method=method, max_steps=3, save_every=0, batch_size=8, grad_clip=0.05)  # a clip that acts
     train(recipe_from_dict(make_recipe(base_dir, data_file, one, **kw)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, two, **kw)))
-    first = _deepspeed_train("zero2.yaml", recipe, "--stop-after", "2")
+    first = _launch(config, recipe, "--stop-after", "2")
     assert "2 process(es) x 2 accumulation x 2" in first.stderr
-    assert (two / "checkpoints" / "step-000002" / "accelerate_state").is_dir()
-    _deepspeed_train("zero2.yaml", recipe, "--resume", str(two))
+    state = two / "checkpoints" / "step-000002" / "accelerate_state"
+    assert state.is_dir() and (config.startswith("zero") or (state / "pytorch_model_fsdp_0").is_dir())
+    _launch(config, recipe, "--resume", str(two))
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
-    assert _same_weights(one, two, "l2d_model.safetensors")
+    assert _same_weights(one, two, "l2d_model.safetensors" if method == "l2d" else "adapter_model.safetensors")
 
 
 @pytest.mark.slow
@@ -408,7 +418,7 @@ def test_deepspeed_zero3_trains_the_lora_baseline_as_one_process(tmp_path, base_
     train(recipe_from_dict(make_recipe(base_dir, data_file, one, **kw)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, two, **kw)))
-    _deepspeed_train("zero3.yaml", recipe)
+    _launch("zero3.yaml", recipe)
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
     assert _same_weights(one, two, "adapter_model.safetensors")
 
@@ -418,7 +428,7 @@ def test_deepspeed_zero3_refuses_method_l2d_before_loading_the_base(tmp_path, ba
     pytest.importorskip("deepspeed")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(make_recipe(base_dir, data_file, tmp_path / "run", max_steps=3)))
-    proc = _deepspeed_train("zero3.yaml", recipe, ok=False)
+    proc = _launch("zero3.yaml", recipe, ok=False)
     assert "method l2d cannot run under DeepSpeed ZeRO-3" in proc.stderr and "zero2.yaml" in proc.stderr
     assert "Loading weights" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
@@ -442,6 +452,26 @@ def test_deepspeed_config_follows_the_recipe(caplog):
     caplog.clear()
     ds_engine.configure(accelerator, SimpleNamespace(micro_batch_size=2, grad_clip=0.0))  # 0: no clipping
     assert config["gradient_clipping"] == 0.0 and not caplog.text
+
+
+def test_response_loss_module_is_its_baseline_to_accelerate():
+    """What DDP/FSDP/DeepSpeed wrap for a baseline: its forward is the baseline's loss, and what
+    accelerate reads off a model (per-layer wrapping classes, config) is the baseline's."""
+    from peft import LoraConfig, get_peft_model
+
+    from l2d.baseline_loss import ResponseLoss, inner, inner_state_dict, response_loss
+    from tiny import batch
+
+    lm = get_peft_model(tiny_base("llama"), LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = ResponseLoss(lm)
+    assert wrapped._no_split_modules == lm._no_split_modules and "LlamaDecoderLayer" in wrapped._no_split_modules
+    assert wrapped.config is lm.config and inner(wrapped) is lm
+    assert inner_state_dict(wrapped.state_dict()).keys() == lm.state_dict().keys()
+    ids, labels = batch(T=10)
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(wrapped(ids, mask, labels), response_loss(lm, ids, mask, labels))
+    with pytest.raises(AttributeError):
+        wrapped.no_such_attribute
 
 
 @pytest.mark.parametrize("family", ["llama", "granite", "gemma2"])
