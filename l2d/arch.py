@@ -36,6 +36,11 @@ class KVOnlyCache(DynamicCache):
         return out
 
 
+# The up-projection name of an MLP whose gate projection also holds the up projection: its output is
+# [gate, up] along the last dimension (phi3's gate_up_proj).
+FUSED_GATE_UP = "<fused with gate>"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One family's layout. Attribute names are relative to the decoder layer unless noted.
@@ -64,7 +69,8 @@ class ArchSpec:
     rotary: bool = True
     # the MLP's (gate or fc, up or None, down, activation) attributes, when its forward is
     # down(act(gate(x)) * up(x)) or down(act(fc(x))): the stream then runs it through
-    # l2d/stream_mlp.py, which keeps less for backward; None: the module is called as it is
+    # l2d/stream_mlp.py, which keeps less for backward; None: the module is called as it is.
+    # FUSED_GATE_UP as the up name: one projection gives [gate, up] (phi3's gate_up_proj).
     mlp_parts: tuple | None = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
@@ -81,7 +87,8 @@ SPECS: dict[str, ArchSpec] = {
     "qwen3": ArchSpec(layers="layers", final_norm="norm", q_norm="head"),
     "gemma2": _GEMMA,
     "gemma3_text": ArchSpec(**{**_GEMMA.__dict__, "q_norm": "head"}),
-    "phi3": ArchSpec(layers="layers", final_norm="norm", q_layout="phi3", mlp_parts=None),  # fused gate_up_proj
+    "phi3": ArchSpec(layers="layers", final_norm="norm", q_layout="phi3",
+                     mlp_parts=("gate_up_proj", FUSED_GATE_UP, "down_proj", "activation_fn")),
     "olmo2": ArchSpec(layers="layers", final_norm="norm", q_norm="full", attn_norm=None, mlp_norm=None,
                       post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm"),
     "gpt2": ArchSpec(layers="h", final_norm="ln_f", attn="attn", q_layout="gpt2", o_proj="c_proj",

@@ -30,7 +30,7 @@ from torch import nn
 
 import l2d_kernels
 
-from .arch import ArchAdapter, norm_params
+from .arch import FUSED_GATE_UP, ArchAdapter, norm_params
 from .config import L2DConfig
 from .latent import LatentMap, marginal_std
 from .stream_mlp import stream_mlp
@@ -165,7 +165,8 @@ class MLPDeltas(nn.Module):
             key = name.replace(".", "__")
             self.deltas[key] = make_delta(config, *_linear_features(module))
             self._handles.append(module.register_forward_hook(self._hook(key)))
-        if (parts is not None and all(name is None or name in self.deltas for name in parts[:3])
+        named = [name for name in parts[:3] if name not in (None, FUSED_GATE_UP)] if parts is not None else []
+        if (parts is not None and all(name in self.deltas for name in named)
                 and callable(getattr(mlp, parts[3], None))):
             self.parts = parts
             if in_context and "forward" not in mlp.__dict__:

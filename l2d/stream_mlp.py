@@ -5,7 +5,8 @@ Gated MLPs (llama, mistral, qwen, gemma, olmo2, granite)::
 
     g = W_g m + dG(m),   u = W_u m + dU(m),   p = act(g) * u,   out = W_d p + dD(p)
 
-and plain ones (gpt2, gpt_neox) with ``p = act(W_fc m + dFC(m))``. Run op by op, autograd keeps
+phi3's fused ones with ``[g, u] = W_gu m + dGU(m)`` split in halves, and plain ones (gpt2,
+gpt_neox) with ``p = act(W_fc m + dFC(m))``. Run op by op, autograd keeps
 ``g`` (for act'), ``act(g)`` and ``u`` (for the product) and ``p`` (for the down delta's first
 matmul ``p A^T``): four [rows, intermediate] tensors per block, the largest part of what a step
 keeps. :class:`ActivationProject` computes ``p`` and ``r = p A^T`` together and keeps ``g`` and
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .arch import FUSED_GATE_UP
 
 
 class ActivationProject(torch.autograd.Function):
@@ -67,8 +70,8 @@ class ActivationProject(torch.autograd.Function):
 def stream_mlp(mlp: nn.Module, parts: tuple, deltas, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` plus its deltas, through :class:`ActivationProject`.
 
-    ``parts``: the MLP's attribute names ``(gate or fc, up or None, down, activation)`` (from the
-    family's :class:`~l2d.arch.ArchSpec`); ``deltas``: ModuleDict keyed like :class:`MLPDeltas`, each
+    ``parts``: the MLP's attribute names ``(gate or fc, up or None or FUSED_GATE_UP, down,
+    activation)`` (from the family's :class:`~l2d.arch.ArchSpec`); ``deltas``: ModuleDict keyed like :class:`MLPDeltas`, each
     with ``first_weight`` and ``finish`` (the low-rank and full deltas of ``l2d/path.py``).
     The frozen projections are called as modules, so their delta hooks must be switched off.
     """
@@ -77,7 +80,9 @@ def stream_mlp(mlp: nn.Module, parts: tuple, deltas, x: torch.Tensor) -> torch.T
     g = gate_mod(x)
     g = g + deltas[gate_name](x).to(g.dtype)
     u = None
-    if up_name is not None:
+    if up_name == FUSED_GATE_UP:  # halves of one output: g and u kept as views of one tensor
+        g, u = g.chunk(2, dim=-1)
+    elif up_name is not None:
         u = getattr(mlp, up_name)(x)
         u = u + deltas[up_name](x).to(u.dtype)
     down = deltas[down_name]
