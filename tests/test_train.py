@@ -1,4 +1,4 @@
-"""Training: recipe errors, adapters that load, exact resume, NaN handling, baselines, DDP and DeepSpeed = 1 process."""
+"""Training: recipe errors, adapters that load, exact resume, NaN handling, baselines; DDP, DeepSpeed and FSDP = 1 process."""
 import json
 import os
 import subprocess
