@@ -36,6 +36,17 @@ class KVOnlyCache(DynamicCache):
         return out
 
 
+def head_kwargs(config) -> dict:
+    """A config's transforms after ``lm_head`` (granite's scaling, gemma2's soft-capping) as
+    arguments of ``l2d_kernels.linear_cross_entropy``: ``logit_scale`` and ``softcap``."""
+    scaling = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return {
+        "logit_scale": None if scaling in (None, 1, 1.0) else 1.0 / scaling,
+        "softcap": cap or None,
+    }
+
+
 # The up-projection name of an MLP whose gate projection also holds the up projection: its output is
 # [gate, up] along the last dimension (phi3's gate_up_proj).
 FUSED_GATE_UP = "<fused with gate>"
@@ -293,12 +304,7 @@ class ArchAdapter:
 
     def head_kwargs(self) -> dict:
         """The same transforms as arguments of ``l2d_kernels.linear_cross_entropy``."""
-        scaling = getattr(self.config, "logits_scaling", None)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        return {
-            "logit_scale": None if scaling in (None, 1, 1.0) else 1.0 / scaling,
-            "softcap": cap or None,
-        }
+        return head_kwargs(self.config)
 
     def fingerprint(self) -> dict:
         """What an adapter must match to fit this base."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .arch import head_kwargs
 from .data import IGNORE_INDEX
 
 
@@ -29,22 +30,19 @@ def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
     head = causal_lm.get_output_embeddings()
-    cfg = causal_lm.config
-    scaling = getattr(cfg, "logits_scaling", None)
-    logit_scale = None if scaling in (None, 1, 1.0) else 1.0 / scaling
-    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    transforms = head_kwargs(causal_lm.config)
     rows, targets = hidden[:, :-1][supervised], targets[supervised]
     if gathered_in_forward(head):
         # The head's whole weight exists only inside its own forward: call it, at the supervised
         # rows only, and take the cross-entropy of its [rows, vocab] logits.
         logits = head(rows).float()
-        if logit_scale is not None:
-            logits = logits * logit_scale
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
+        if transforms["logit_scale"] is not None:
+            logits = logits * transforms["logit_scale"]
+        if transforms["softcap"] is not None:
+            logits = transforms["softcap"] * torch.tanh(logits / transforms["softcap"])
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     return l2d_kernels.linear_cross_entropy(rows, head.weight, targets, bias=getattr(head, "bias", None),
-                                            softcap=softcap, logit_scale=logit_scale, reduction="sum")
+                                            reduction="sum", **transforms)
 
 
 def gathered_in_forward(module: nn.Module) -> bool:

@@ -419,8 +419,9 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
         path = None
         if main:
             weights = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-            opt = None if sharded_state else optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-            path = save_checkpoint(out_dir, step, {} if sharded_state else weights, opt, state, t.keep_last)
+            opt = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+            path = save_checkpoint(out_dir, step, {} if sharded_state else weights,
+                                   None if sharded_state else opt, state, t.keep_last)
         if sharded_state:  # FSDP / DeepSpeed shard the optimizer: every process writes its part,
             # into a temporary folder that the main process renames once all parts are written
             accelerator.wait_for_everyone()
