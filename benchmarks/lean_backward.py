@@ -4,7 +4,7 @@ CPU) with each piece on and off, side by side in one process, interleaved repeat
     python benchmarks/lean_backward.py [--batches 4x256,32x~40] [--repeats 3] [--threads 2]
 
 Pieces: ``mlp`` (the stream's MLP through ``l2d/stream_mlp.py``, and with ``context="adapted"`` the
-context pass's too; off: the frozen module with the deltas on hooks) and ``norm`` (the modulated norm's own backward, ``kernels/modulated_norm_torch.py``,
+context pass's too; off: the frozen module with the deltas on hooks) and ``norm`` (the modulated norm's own backward, ``kernels/l2d_kernels/modulated_norm_torch.py``,
 off: ``reference.modulated_norm_ref`` op by op). Both compute the same values and gradients; they
 differ in what autograd keeps. Per variant: median step time (forward, backward, AdamW, no
 self-conditioning pass), the peak C heap in use in one more step, and the bytes the graph keeps

@@ -1,8 +1,8 @@
 """Benchmark the l2d_kernels Triton kernels against torch eager and torch.compile (needs CUDA).
 
-    python benchmarks/kernels.py                       # modulated norm, the issue's three shapes
-    python benchmarks/kernels.py --kinds rms layer --head --latent
-    python benchmarks/kernels.py --shapes 4096x2048 --no-compile
+    python benchmarks/kernel_speed.py                       # modulated norm, the issue's three shapes
+    python benchmarks/kernel_speed.py --kinds rms layer --head --latent
+    python benchmarks/kernel_speed.py --shapes 4096x2048 --no-compile
 
 For every shape (tokens x hidden) and pass (forward, forward+backward) it prints the time of the
 Triton kernel, of the torch reference run eagerly and of ``torch.compile`` of the same reference,
@@ -198,12 +198,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU: none is visible here. The kernels' CPU "
+        sys.exit("benchmarks/kernel_speed.py needs a CUDA GPU: none is visible here. The kernels' CPU "
                  "correctness is tested by `pytest tests/test_kernels.py` (Triton interpreter).")
     try:
         import triton  # noqa: F401
     except ImportError:
-        sys.exit("benchmarks/kernels.py needs Triton: pip install triton")
+        sys.exit("benchmarks/kernel_speed.py needs Triton: pip install triton")
 
     print(environment())
     copy_bw = copy_bandwidth()
