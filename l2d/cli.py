@@ -235,16 +235,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .recipe import RecipeError
-    from .train import TrainingError
-
     try:
         return args.func(args)
-    except (RecipeError, TrainingError, ValueError, FileNotFoundError) as e:
+    except Exception as e:  # every error is one line; -v shows the traceback
         if args.verbose:
             raise
-        print(f"l2d {args.command}: error: {e}", file=sys.stderr)
+        print(f"l2d {args.command}: error: {error_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# What a user can fix from the message alone (a recipe, a path, an option, a missing package);
+# anything else is reported with its type and a pointer to the traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError)
+
+
+def error_line(e: BaseException) -> str:
+    """One line that says what was wrong (and, through the message, what to do)."""
+    from .suggest import one_line
+
+    text = one_line(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    if isinstance(e, ImportError) and getattr(e, "name", None) and "pip install" not in text:
+        text += f"; install it (pip install {e.name.split('.')[0]})"
+    from .train import TrainingError
+
+    if not isinstance(e, USER_ERRORS + (TrainingError,)):
+        text = f"{type(e).__name__}: {text} (unexpected; rerun with -v for the traceback and report it)"
+    return text
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import yaml
 
 from .config import L2DConfig
 from .data import DataSource
+from .suggest import did_you_mean
 
 METHODS = ("l2d", "lora", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -208,7 +209,7 @@ def build(cls, raw: dict, prefix: str = ""):
     where = f"{prefix}." if prefix else ""
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise RecipeError(f"unknown key {where}{unknown[0]}"
+        raise RecipeError(f"unknown key {where}{unknown[0]}{did_you_mean(unknown[0], known)}"
                           f"{' (and ' + str(unknown[1:]) + ')' if unknown[1:] else ''}; "
                           f"known keys{' of ' + prefix if prefix else ''}: {sorted(known)}")
     kwargs = {k: _convert(v, hints[k], f"{where}{k}") for k, v in raw.items()}

@@ -53,11 +53,28 @@ def default_base(path: str, kind: str) -> str | None:
     if recipe.is_file():
         import yaml
 
-        name = ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("name_or_path")
+        try:
+            name = ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("name_or_path")
+        except (yaml.YAMLError, AttributeError) as e:
+            raise ValueError(f"{recipe} is not a readable recipe ({e}); fix it or pass --base.") from None
         if name:
             return name
     cfg = p / ("l2d_config.json" if kind == "l2d" else "adapter_config.json")
-    return json.loads(cfg.read_text()).get("base_model_name_or_path")
+    try:
+        return json.loads(cfg.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON ({e}): the file is corrupt; re-save the adapter "
+                         "(save_pretrained) or download it again.") from None
+
+
+def check_task(name: str) -> None:
+    """An unknown task name fails before any model loads, naming the closest known one."""
+    from ..suggest import did_you_mean
+    from .tasks import TASKS
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; pass --task with one of "
+                         f"{', '.join(sorted(TASKS))}.")
 
 
 def load_for_eval(adapter: str, base: str | None = None, dtype: str = "float32"):
@@ -67,7 +84,10 @@ def load_for_eval(adapter: str, base: str | None = None, dtype: str = "float32")
     from ..pretrained import load_base
 
     kind = adapter_kind(adapter)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"unknown dtype {dtype!r}; use --dtype {', '.join(dtypes)}.")
+    torch_dtype = dtypes[dtype]
     if kind == "full":
         model, tok = load_base(base or adapter, dtype=torch_dtype)
         return model, tok, kind
@@ -108,6 +128,7 @@ def run_eval(args) -> int:
     from .runner import evaluate, plot_rows, summary_rows, write_json
     from .tasks import get_task
 
+    check_task(args.task)
     kind = adapter_kind(args.adapter)
     if kind != "l2d" and any(s != 0 for s in args.steps):
         raise ValueError(f"{args.adapter!r} is a {kind} model without a diffusion path: only --steps 0 applies.")
