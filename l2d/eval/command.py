@@ -123,34 +123,75 @@ def _task_kwargs(args) -> dict:
     return kw
 
 
+def check_solver_args(args) -> None:
+    """Unknown solvers and tolerances fail before any model loads, with the closest known solver."""
+    from ..solvers import FIXED_SOLVERS, SOLVERS
+    from ..suggest import did_you_mean
+
+    if args.solver not in SOLVERS:
+        raise ValueError(f"unknown solver {args.solver!r}{did_you_mean(args.solver, SOLVERS)}; pass --solver "
+                         f"with one of {', '.join(SOLVERS)}.")
+    if args.solver not in FIXED_SOLVERS and not (0 < args.rtol < 1 and 0 < args.atol < 1):
+        raise ValueError(f"--rtol and --atol must lie in (0, 1), got {args.rtol} and {args.atol}.")
+    if args.max_nfe is not None and args.max_nfe < 1:
+        raise ValueError(f"--max-nfe must be a positive integer, got {args.max_nfe}.")
+    if args.early_stop is not None and not 0 < args.early_stop <= 1:
+        raise ValueError(f"--early-stop is a probability in (0, 1], got {args.early_stop}.")
+
+
+def steps_for_solver(steps: list[int], solver: str) -> list[int | None]:
+    """An adaptive solver picks its own steps: every non-zero entry of --steps becomes one adaptive
+    row (``steps=None``); 0 stays the base."""
+    from ..solvers import FIXED_SOLVERS
+
+    if solver in FIXED_SOLVERS:
+        return steps
+    return list(dict.fromkeys(0 if s == 0 else None for s in steps))
+
+
+def solver_kwargs(args) -> dict:
+    """What ``generate`` takes beyond the step count: grid, read-out, tolerances, NFE cap, early stop."""
+    from ..generation import EarlyStop
+
+    kw = {"grid": args.grid, "readout": args.readout, "rtol": args.rtol, "atol": args.atol,
+          "max_nfe": args.max_nfe}
+    if args.early_stop is not None:
+        kw["early_stop"] = EarlyStop(args.early_stop, args.early_stop_patience)
+    return kw
+
+
 def run_eval(args) -> int:
     from .metrics import format_table
     from .runner import evaluate, plot_rows, summary_rows, write_json
     from .tasks import get_task
 
     check_task(args.task)
+    check_solver_args(args)
     kind = adapter_kind(args.adapter)
     if kind != "l2d" and any(s != 0 for s in args.steps):
         raise ValueError(f"{args.adapter!r} is a {kind} model without a diffusion path: only --steps 0 applies.")
     task = get_task(args.task, **_task_kwargs(args))
     model, tok, kind = load_for_eval(args.adapter, args.base, args.dtype)
     method = args.name or {"base": "base", "peft": "lora", "full": "full", "l2d": "l2d"}[kind]
-    gen_kw = {}
-    if kind == "l2d":
-        gen_kw = {"grid": args.grid, "readout": args.readout}
-    rows = evaluate(model, tok, task, args.steps, n=args.n, batch_size=args.batch_size,
+    gen_kw = solver_kwargs(args) if kind == "l2d" else {}
+    steps = steps_for_solver(args.steps, args.solver)
+    rows = evaluate(model, tok, task, steps, n=args.n, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, solver=args.solver, samples=args.samples,
                     temperature=args.temperature, seed=args.seed, prompt_format=args.prompt_format,
                     method=method, keep_completions=bool(args.json), progress=not args.no_progress,
                     workers=args.workers, **gen_kw)
-    print(format_table(summary_rows(rows)))
+    # an adaptive row's steps read as its solver's name
+    print(format_table([{**r, "steps": args.solver if r["steps"] is None else r["steps"]} for r in summary_rows(rows)]))
     if args.json:
         write_json(args.json, {"adapter": args.adapter, "base": args.base or default_base(args.adapter, kind),
                                "task": args.task, "args": {k: v for k, v in vars(args).items() if k != "func"},
                                "rows": rows})
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        plot_rows(rows, args.plot, title=f"{args.task}: {os.path.basename(os.path.normpath(args.adapter))}")
+        if any(r["steps"] is None for r in rows):  # no step count to put on the x axis
+            print("the plot shows the fixed-step rows only (an adaptive solve has no step count)", file=sys.stderr)
+        plot_rows([r for r in rows if r["steps"] is not None], args.plot,
+                  title=f"{args.task}: {os.path.basename(os.path.normpath(args.adapter))}")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -170,7 +211,16 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--task-seed", type=int, help="seed of generated reasoning-gym problems (default: the held-out seed)")
     p.add_argument("--num-shots", type=int, help="few-shot examples in the prompt (gsm8k; default 8)")
     p.add_argument("--steps", type=_parse_steps, default=[0], help="comma-separated step counts, e.g. 0,2,4,8,16")
-    p.add_argument("--solver", default="euler", help="ODE solver: euler, midpoint, heun, rk4 (fixed grids)")
+    p.add_argument("--solver", default="euler",
+                   help="ODE solver: euler, midpoint, heun, rk4 (fixed grids), or dopri5, bosh3, adaptive_heun "
+                        "(adaptive: each non-zero --steps entry becomes one row whose steps --rtol/--atol choose)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="adaptive solvers' relative tolerance (default 1e-3)")
+    p.add_argument("--atol", type=float, default=1e-3, help="adaptive solvers' absolute tolerance (default 1e-3)")
+    p.add_argument("--max-nfe", type=int, help="cap on diffusion-path evaluations per token (any solver)")
+    p.add_argument("--early-stop", type=float, metavar="P",
+                   help="end a token's solve once its argmax repeats with probability >= P (EarlyStop)")
+    p.add_argument("--early-stop-patience", type=int, default=2, metavar="N",
+                   help="evaluations the argmax must hold for --early-stop (default 2)")
     p.add_argument("--grid", default="uniform", help="time grid of fixed solvers: uniform or cosmap")
     p.add_argument("--readout", default="final", help="final (one evaluation at t=1) or last")
     p.add_argument("--samples", type=int, default=1, help="completions per problem; >1 samples at --temperature "
