@@ -1,9 +1,10 @@
 """Training recipes: one YAML file, five sections, every field typed and documented.
 
     model:  the frozen base (hub id, local folder, or `smollm2-135m-instruct` offline)
-    method: l2d | lora | full          (the baselines run through the same script and data)
+    method: l2d | lora | full | mdm    (the baselines and masked diffusion run through the same script and data)
     l2d:    L2DConfig fields           (the diffusion path; used when method is l2d)
     lora:   peft LoRA fields           (used when method is lora)
+    mdm:    MaskedDiffusionConfig fields (used when method is mdm)
     data:   sources (l2d.data.DataSource fields), max_length, chat template, system prompt
     train:  optimisation, batching, checkpoints, logging
 
@@ -25,9 +26,10 @@ import yaml
 
 from .config import L2DConfig
 from .data import DataSource
+from .mdm.config import MaskedDiffusionConfig
 from .suggest import did_you_mean
 
-METHODS = ("l2d", "lora", "full")
+METHODS = ("l2d", "lora", "full", "mdm")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -125,9 +127,12 @@ class TrainSection:
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection, metadata=_help("The frozen base model."))
     method: str = field(default="l2d", metadata=_help(
-        f"What is trained {METHODS}: the diffusion path, a peft LoRA of the base, or the whole base."))
+        f"What is trained {METHODS}: the diffusion path, a peft LoRA of the base, the whole base, "
+        "or the base adapted into a masked diffusion LM."))
     l2d: L2DConfig = field(default_factory=L2DConfig, metadata=_help("Diffusion path (L2DConfig fields)."))
     lora: LoraSection = field(default_factory=LoraSection, metadata=_help("LoRA baseline settings."))
+    mdm: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig, metadata=_help(
+        "Masked-diffusion adaptation (method: mdm; DiffuGPT / DiffuLLaMA), MaskedDiffusionConfig fields."))
     data: DataSection = field(default_factory=DataSection, metadata=_help("Training data."))
     train: TrainSection = field(default_factory=TrainSection, metadata=_help("Optimisation and bookkeeping."))
 
