@@ -43,7 +43,7 @@ METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
 # Recipe keys that must match for --resume (the rest, e.g. lr or micro_batch_size, may change).
 # The lr scales are stored in the optimizer's groups, which a resume restores: they must match too.
-_RESUME_KEYS = ("model.name_or_path", "model.revision", "method", "l2d", "lora", "data",
+_RESUME_KEYS = ("model.name_or_path", "model.revision", "method", "l2d", "lora", "mdm", "data",
                 "train.batch_size", "train.seed", "train.group_by_length", "train.epochs",
                 "train.head_lr_scale", "train.encoder_lr_scale", "train.loraplus_lr_ratio")
 
@@ -85,8 +85,9 @@ def load_recipe_base(recipe: Recipe):
     return load_base(m.name_or_path, dtype=_dtype(m.dtype), **kw)
 
 
-def build_model(recipe: Recipe, base):
-    """The trainable model for `recipe.method`: L2D path, peft LoRA of the base, or the whole base."""
+def build_model(recipe: Recipe, base, tokenizer=None):
+    """The trainable model for `recipe.method`: L2D path, peft LoRA of the base, the whole base, or the
+    base adapted into a masked diffusion LM (`mdm`, :func:`l2d.mdm.get_mdm_model`)."""
     if recipe.method == "l2d":
         from .model import get_l2d_model
 
@@ -102,6 +103,12 @@ def build_model(recipe: Recipe, base):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.method == "mdm":  # the base itself adapted into a masked diffusion LM (l2d.mdm)
+        from .mdm import get_mdm_model
+
+        config = dataclasses.replace(recipe.mdm, base_model_name_or_path=recipe.mdm.base_model_name_or_path
+                                     or recipe.model.name_or_path)
+        return get_mdm_model(base, config, tokenizer=tokenizer).train()
     if recipe.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -201,6 +208,10 @@ def batch_loss(model, method: str, batch: dict) -> tuple[torch.Tensor, int]:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     class_labels=batch["class_labels"], reduction="sum")
         return out.loss, int(out.num_tokens)
+    if method == "mdm":  # the 1/t-weighted CE at masked response tokens, summed (l2d.mdm.loss)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    reduction="sum")
+        return out.loss, int(out.num_tokens)
     n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     args = batch["input_ids"], batch["attention_mask"], batch["labels"]
     return (model(*args) if is_response_loss(model) else response_loss(model, *args)), n
@@ -238,6 +249,8 @@ def _recipe_view(d: dict) -> dict:
                                                   for s in sources]}
     if d.get("method") != "lora":
         out.pop("lora")
+    if d.get("method") != "mdm":
+        out.pop("mdm")
     return out
 
 
@@ -361,14 +374,14 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                        null_label=null_class_label(categories))
 
-    model = build_model(recipe, base)
+    model = build_model(recipe, base, tokenizer)
     fingerprint = base_fingerprint(base)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     n_trainable = sum(p.numel() for p in params)
     if ds_engine.is_deepspeed(accelerator):
         ds_engine.configure(accelerator, t)
-    if recipe.method != "l2d":  # the baseline's loss runs inside the distributed wrapper's forward
+    if recipe.method in ("lora", "full"):  # the baseline's loss runs inside the distributed wrapper's forward
         model = ResponseLoss(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = inner(accelerator.unwrap_model(model))  # the L2D model or the baseline: names, saving
@@ -472,6 +485,8 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
             n_sup, n_tok = accelerator.reduce(counts, "sum").tolist() if P > 1 else counts.tolist()
             # Set before the first backward: DeepSpeed's engine steps inside the last one.
             lr = lr_at(step, total_steps, t)
+            if recipe.method == "mdm":  # the annealed attention's step
+                unwrapped.training_step = step
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -539,7 +554,7 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
         gathered = {"state_dict": inner_state_dict(accelerator.get_state_dict(model))} if sharded_state else {}
         if main:
             unwrapped.save_pretrained(str(out_dir), **gathered)
-            if recipe.method == "full":
+            if recipe.method in ("full", "mdm"):  # mdm: the tokenizer may hold an added [MASK]
                 tokenizer.save_pretrained(str(out_dir))
             (out_dir / RECIPE_FILE).write_text(recipe.to_yaml())
             print(f"Saved the {recipe.method} weights and the recipe to {out_dir}", flush=True)
