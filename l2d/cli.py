@@ -41,7 +41,19 @@ def run_train(args) -> int:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if args.push_to_hub and not summary["stopped"] and _is_main_process():
+        from .hub import push_folder
+
+        info = push_folder(summary["output_dir"], args.push_to_hub, private=args.hub_private or None,
+                           commit_message=f"l2d train {args.recipe}")
+        print(f"Pushed {summary['output_dir']} to {getattr(info, 'commit_url', None) or args.push_to_hub}", flush=True)
     return EXIT_INTERRUPTED if summary["stopped"] == "interrupted" else 0
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch / torchrun on every process
 
 
 def add_train(sub) -> None:
@@ -65,6 +77,10 @@ def add_train(sub) -> None:
                         "that leaves the learning-rate schedule unchanged; continue with --resume)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an output_dir that already holds checkpoints (they are deleted)")
+    p.add_argument("--push-to-hub", metavar="REPO",
+                   help="after a finished run, upload the weights, recipe.yaml and a generated model card to the "
+                        "hub repository REPO (created if needed; log in first: `hf auth login` or HF_TOKEN)")
+    p.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repository as private")
     p.set_defaults(func=run_train)
 
 

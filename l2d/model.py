@@ -459,6 +459,14 @@ class L2DModel(nn.Module):
             self.config.base_model_revision = revision
         self.config.save(save_directory, extra)
 
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None, **kwargs):
+        """Upload the adapter files and a generated model card (:mod:`l2d.hub`); ``recipe=`` and
+        ``eval_results=`` add the training recipe and the evaluation table. Returns the commit info."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
+
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter: str, revision: str | None = None,
                         is_trainable: bool = False, **hub_kwargs) -> "L2DModel":
