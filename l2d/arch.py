@@ -36,13 +36,26 @@ class KVOnlyCache(DynamicCache):
         return out
 
 
-def head_kwargs(config) -> dict:
-    """A config's transforms after ``lm_head`` (granite's scaling, gemma2's soft-capping) as
-    arguments of ``l2d_kernels.linear_cross_entropy``: ``logit_scale`` and ``softcap``."""
+def _logit_multiplier(config) -> float:
+    """What logits are multiplied by after ``lm_head``: ``1 / logits_scaling`` (granite) times
+    ``logit_scale`` (cohere); 1 for most families."""
+    scale = 1.0
     scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
+        scale /= scaling
+    multiplier = getattr(config, "logit_scale", None)
+    if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool):
+        scale *= multiplier
+    return float(scale)
+
+
+def head_kwargs(config) -> dict:
+    """A config's transforms after ``lm_head`` (granite's scaling, cohere's logit scale, gemma2's
+    soft-capping) as arguments of ``l2d_kernels.linear_cross_entropy``: ``logit_scale`` and ``softcap``."""
+    scale = _logit_multiplier(config)
     cap = getattr(config, "final_logit_softcapping", None)
     return {
-        "logit_scale": None if scaling in (None, 1, 1.0) else 1.0 / scaling,
+        "logit_scale": None if scale == 1.0 else scale,
         "softcap": cap or None,
     }
 
@@ -57,11 +70,16 @@ class ArchSpec:
     """One family's layout. Attribute names are relative to the decoder layer unless noted.
 
     ``q_layout`` says how to take the query projection out of the attention module:
-    ``separate`` (``q_proj``), ``phi3`` (first rows of the fused ``qkv_proj``), ``gpt2`` (first
-    columns of the ``c_attn`` Conv1D), ``neox`` (per-head interleaved ``query_key_value``).
+    ``separate`` (``q_proj``), ``phi3`` (first rows of a fused ``[q | k | v]`` projection,
+    ``q_module``), ``gpt2`` (first columns of the ``c_attn`` Conv1D), ``neox`` (per-head
+    interleaved ``[q_h | k_h | v_h]``), ``grouped`` (per key/value group ``[q_g.. | k_g | v_g]``,
+    falcon's new architecture).
     ``q_norm``: ``head`` (per-head norm after the reshape, qwen3/gemma3), ``full`` (on the whole
     projection, olmo2) or ``None``. ``parallel``: attention and MLP read the same residual
-    (gpt_neox when ``config.use_parallel_residual``).
+    (gpt_neox when ``config.use_parallel_residual``). ``q_clip``: queries clamped to
+    ``[-q_clip, q_clip]`` after the projection and a full q norm (olmo's ``clip_qkv``).
+    ``nope_layers``: layers without rotary positions (cohere2's global layers). ``derived``: found by
+    ``l2d/arch_derive.py`` and accepted by the wrap-time check (``l2d/arch_check.py``).
     """
 
     layers: str                      # from the backbone (``model.base_model``)
@@ -75,7 +93,7 @@ class ArchSpec:
     post_attn_norm: str | None = None
     post_mlp_norm: str | None = None
     mlp: str = "mlp"
-    norm_kind: str = "rms"           # rms | rms_offset (Gemma's 1 + w) | layer
+    norm_kind: str = "rms"           # rms | rms_offset (Gemma's 1 + w) | layer | layer_offset (1 + w)
     parallel: bool = False
     rotary: bool = True
     # the MLP's (gate or fc, up or None, down, activation) attributes, when its forward is
@@ -83,6 +101,12 @@ class ArchSpec:
     # l2d/stream_mlp.py, which keeps less for backward; None: the module is called as it is.
     # FUSED_GATE_UP as the up name: one projection gives [gate, up] (phi3's gate_up_proj).
     mlp_parts: tuple | None = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    q_module: str | None = None      # the fused projection's name (phi3/neox/grouped); default by layout
+    q_clip: float | None = None
+    nope_layers: tuple = ()
+    kv_heads: int | None = None      # key/value heads when the config does not say (gpt_bigcode)
+    head_dim: int | None = None      # when the config does not say
+    derived: bool = False
 
 
 _LLAMA = ArchSpec(layers="layers", final_norm="norm")
@@ -111,28 +135,62 @@ SPECS: dict[str, ArchSpec] = {
 }
 
 
+class ArchRefused(NotImplementedError):
+    """A base the diffusion path cannot reproduce: raised at wrap time, before any training."""
+
+
+def supported_families() -> list[str]:
+    """Families with a hand-written spec plus those whose derived spec the test suite checks."""
+    from .arch_derive import DERIVED_FAMILIES
+
+    return sorted(set(SPECS) | set(DERIVED_FAMILIES))
+
+
+def refusal(family, piece: str) -> ArchRefused:
+    """The error for a base the path cannot reproduce: the family, what failed, what works."""
+    return ArchRefused(f"l2d cannot wrap model_type {family!r}: {piece}. Supported families: "
+                       f"{', '.join(supported_families())}. Other decoder-only families are derived from "
+                       "the model and accepted when the rebuilt layers match the real ones.")
+
+
 def get_spec(config) -> ArchSpec:
-    """The spec of ``config.model_type``, or a clear error naming the supported families."""
+    """The hand-written spec of ``config.model_type``, or a clear error naming the supported families."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SPECS:
-        raise NotImplementedError(
-            f"l2d does not support model_type {model_type!r} yet. Supported families: "
-            f"{', '.join(sorted(SPECS))}. Adding one means adding an ArchSpec in l2d/arch.py.")
+        raise refusal(model_type, "no hand-written ArchSpec in l2d/arch.py")
     spec = SPECS[model_type]
     if model_type == "gpt_neox" and not getattr(config, "use_parallel_residual", True):
         spec = ArchSpec(**{**spec.__dict__, "parallel": False})
-    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi":
-        raise NotImplementedError("ALiBi attention is not supported by the l2d diffusion path.")
+    _refuse_alibi(config)
     return spec
+
+
+def _refuse_alibi(config):
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi":
+        raise refusal(getattr(config, "model_type", None),
+                      "ALiBi attention is not supported by the diffusion path (no cached rotary positions)")
+
+
+def resolve_spec(model: nn.Module) -> ArchSpec:
+    """The hand-written spec (the fast path) or one derived from the model itself
+    (``l2d/arch_derive.py``); a derived spec is checked by :class:`ArchAdapter` before use."""
+    if getattr(model.config, "model_type", None) in SPECS:
+        return get_spec(model.config)
+    _refuse_alibi(model.config)
+    from .arch_derive import derive_spec
+
+    return derive_spec(model)
 
 
 class ArchAdapter:
     """Resolves a spec against one loaded model: layer modules, norms, rotary, scales."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None, verify: bool | None = None):
+        """``spec``: None resolves it (:func:`resolve_spec`). ``verify``: run the wrap-time check
+        (``l2d/arch_check.py``); None checks derived specs only, once per model."""
         self.model = model
         self.config = model.config
-        self.spec = get_spec(model.config)
+        self.spec = resolve_spec(model) if spec is None else spec
         self.backbone = model.base_model
         self.layers = _getattr_path(self.backbone, self.spec.layers)
         self.final_norm = _getattr_path(self.backbone, self.spec.final_norm)
@@ -146,6 +204,10 @@ class ArchAdapter:
             else "past_key_values"
         self.hidden_size = self.config.hidden_size
         self.residual_multiplier = float(getattr(self.config, "residual_multiplier", 1.0) or 1.0)
+        if verify or (verify is None and self.spec.derived):
+            from .arch_check import verify_once
+
+            verify_once(self)
 
     # --- per layer -------------------------------------------------------------------------
     def attn(self, i: int) -> nn.Module:
@@ -159,13 +221,13 @@ class ArchAdapter:
         """(number of query heads, head_dim)."""
         cfg = self.config
         n_heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        head_dim = self.spec.head_dim or getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         return n_heads, head_dim
 
     def kv_dims(self, i: int) -> tuple[int, int]:
         """(number of key/value heads, head_dim)."""
         n_heads, head_dim = self.head_dims(i)
-        return getattr(self.config, "num_key_value_heads", None) or n_heads, head_dim
+        return self.spec.kv_heads or getattr(self.config, "num_key_value_heads", None) or n_heads, head_dim
 
     def q_in_out(self, i: int) -> tuple[int, int]:
         n_heads, head_dim = self.head_dims(i)
@@ -186,22 +248,29 @@ class ArchAdapter:
         n_heads, head_dim = self.head_dims(i)
         q_size = n_heads * head_dim
         if layout == "phi3":  # rows [q | k | v]
-            w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+            w, b = self.q_module(i).weight, self.q_module(i).bias
             return F.linear(x, w[:q_size], None if b is None else b[:q_size])
         if layout == "gpt2":  # Conv1D stores [in, out]; columns [q | k | v]
             w, b = attn.c_attn.weight, attn.c_attn.bias
             return torch.addmm(b[:q_size], x.reshape(-1, x.shape[-1]), w[:, :q_size]).view(*x.shape[:-1], q_size)
         if layout == "neox":  # rows interleaved per head: [q_h | k_h | v_h] for each head h
-            w, b = attn.query_key_value.weight, attn.query_key_value.bias
+            w, b = self.q_module(i).weight, self.q_module(i).bias
             wq = w.view(n_heads, 3, head_dim, -1)[:, 0].reshape(q_size, -1)
             bq = None if b is None else b.view(n_heads, 3, head_dim)[:, 0].reshape(q_size)
+            return F.linear(x, wq, bq)
+        if layout == "grouped":  # per key/value group: [q of its heads | k | v]
+            w, b = self.q_module(i).weight, self.q_module(i).bias
+            kv_heads = self.kv_dims(i)[0]
+            per = n_heads // kv_heads
+            wq = w.view(kv_heads, per + 2, head_dim, -1)[:, :per].reshape(q_size, -1)
+            bq = None if b is None else b.view(kv_heads, per + 2, head_dim)[:, :per].reshape(q_size)
             return F.linear(x, wq, bq)
         raise ValueError(f"unknown q_layout {layout!r}")
 
     def q_module(self, i: int) -> nn.Module:
         """The module whose output holds layer ``i``'s queries (fused with k/v in some families)."""
         names = {"separate": "q_proj", "phi3": "qkv_proj", "gpt2": "c_attn", "neox": "query_key_value"}
-        return getattr(self.attn(i), names[self.spec.q_layout])
+        return getattr(self.attn(i), self.spec.q_module or names[self.spec.q_layout])
 
     def add_to_queries(self, i: int, out: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
         """``q_module(i)``'s output with ``dq`` [..., heads * head_dim] added to its query part only."""
@@ -216,6 +285,12 @@ class ArchAdapter:
             per_head = out.view(*out.shape[:-1], n_heads, 3, head_dim)
             dq = dq.view(*dq.shape[:-1], n_heads, 1, head_dim)
             return torch.cat([per_head[..., :1, :] + dq, per_head[..., 1:, :]], dim=-2).view(out.shape)
+        if layout == "grouped":  # [q_g.. | k_g | v_g] for each key/value group g
+            kv_heads = self.kv_dims(i)[0]
+            per = n_heads // kv_heads
+            groups = out.view(*out.shape[:-1], kv_heads, per + 2, head_dim)
+            dq = dq.view(*dq.shape[:-1], kv_heads, per, head_dim)
+            return torch.cat([groups[..., :per, :] + dq, groups[..., per:, :]], dim=-2).view(out.shape)
         raise ValueError(f"unknown q_layout {layout!r}")
 
     def shape_queries(self, i: int, q: torch.Tensor) -> torch.Tensor:
@@ -224,6 +299,8 @@ class ArchAdapter:
         n_heads, head_dim = self.head_dims(i)
         if self.spec.q_norm == "full":
             q = attn.q_norm(q)
+        if self.spec.q_clip is not None:
+            q = q.clamp(-self.spec.q_clip, self.spec.q_clip)
         q = q.view(*q.shape[:-1], n_heads, head_dim)
         if self.spec.q_norm == "head":
             q = attn.q_norm(q)
@@ -231,7 +308,7 @@ class ArchAdapter:
 
     def rotary(self, i: int, x: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) for layer ``i`` at ``position_ids``, or None for learned positions."""
-        if self.rotary_emb is None:
+        if self.rotary_emb is None or i in self.spec.nope_layers:
             return None
         if self._rotary_takes_type:
             return self.rotary_emb(x, position_ids, self.config.layer_types[i])
@@ -246,7 +323,9 @@ class ArchAdapter:
         return fn(q, q, cos, sin)[0]
 
     def rotary_key(self, i: int):
-        """Layers with equal keys share rotary tables (gemma3 has two, by layer type)."""
+        """Layers with equal keys share rotary tables (gemma3 has two, by layer type; NoPE layers none)."""
+        if i in self.spec.nope_layers:
+            return "nope"
         return self.config.layer_types[i] if self._rotary_takes_type else None
 
     def attn_scale(self, i: int) -> float:
@@ -293,10 +372,11 @@ class ArchAdapter:
         return out.get("past_key_values") if cache is None else cache
 
     def logits_postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """Family-specific transforms after ``lm_head`` (granite scaling, gemma2 soft-capping)."""
-        scaling = getattr(self.config, "logits_scaling", None)
-        if scaling not in (None, 1, 1.0):
-            logits = logits / scaling
+        """Family-specific transforms after ``lm_head`` (granite scaling, cohere's logit scale,
+        gemma2 soft-capping)."""
+        scale = _logit_multiplier(self.config)
+        if scale != 1.0:
+            logits = logits * scale
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -322,9 +402,12 @@ def norm_params(norm: nn.Module | None, kind: str):
     if norm is None:
         return None, None, 0.0, "none"
     eps = getattr(norm, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(norm, "eps", 1e-6)
-    return norm.weight, getattr(norm, "bias", None), float(eps), kind
+    if eps is None:  # a norm that keeps no eps (olmo's) uses the default of its kind
+        eps = getattr(norm, "eps", 1e-5 if kind.startswith("layer") else 1e-6)
+    weight = getattr(norm, "weight", None)  # None: a norm without a gain (olmo)
+    if kind == "layer_offset":  # LayerNorm with a (1 + w) gain (nemotron): an ordinary one of gain 1 + w
+        return weight + 1, getattr(norm, "bias", None), float(eps), "layer"
+    return weight, getattr(norm, "bias", None), float(eps), kind
 
 
 def _getattr_path(obj, path: str):

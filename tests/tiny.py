@@ -1,4 +1,8 @@
-"""Tiny random models of each supported family, built from configs (no download)."""
+"""Tiny random models of each supported family, built from configs (no download).
+
+``FAMILIES``: the families with a hand-written spec in ``l2d/arch.py``; ``DERIVED``: families whose
+spec ``l2d/arch_derive.py`` derives from the model (tests/test_arch_derive.py). ``tiny_base``
+builds either."""
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -24,9 +28,27 @@ FAMILIES = {
                     logits_scaling=2.0),
 }
 
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+DERIVED = {
+    "gemma": dict(num_key_value_heads=2, head_dim=8),
+    "qwen2_moe": dict(num_key_value_heads=2, **MOE, shared_expert_intermediate_size=24,
+                      mlp_only_layers=[1]),  # layer 0 mixture-of-experts, layer 1 dense
+    "qwen3_moe": dict(num_key_value_heads=2, head_dim=8, **MOE),
+    "olmo": dict(num_key_value_heads=2, clip_qkv=0.05),
+    "olmoe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, clip_qkv=0.05),
+    "cohere2": dict(num_key_value_heads=2, head_dim=8, sliding_window=4, logit_scale=0.5,
+                    layer_types=["sliding_attention", "full_attention"]),  # the full layer has no rotary
+    "glm": dict(num_key_value_heads=2, head_dim=8, partial_rotary_factor=0.5),
+    "helium": dict(num_key_value_heads=2, head_dim=8),
+    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),  # multi-query c_attn
+    "falcon": dict(),  # multi-query fused query_key_value, parallel attention and MLP on one norm
+    "nemotron": dict(num_key_value_heads=2, head_dim=8, partial_rotary_factor=0.5),
+    "arcee": dict(num_key_value_heads=2),
+}
+
 
 def tiny_base(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
-    kw = {**COMMON, **FAMILIES[family], **overrides}
+    kw = {**COMMON, **(FAMILIES[family] if family in FAMILIES else DERIVED[family]), **overrides}
     attn = kw.pop("attn_implementation", None)
     cfg = AutoConfig.for_model(family, **kw)
     torch.manual_seed(seed)
