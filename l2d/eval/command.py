@@ -30,10 +30,12 @@ def _parse_steps(text: str) -> list[int]:
 
 
 def adapter_kind(path: str) -> str:
-    """``base``, ``l2d``, ``peft`` or ``full`` for an ADAPTER argument."""
+    """``base``, ``l2d``, ``mdm``, ``peft`` or ``full`` for an ADAPTER argument."""
     if path.lower() in BASE_ONLY:
         return "base"
     p = Path(path)
+    if (p / "mdm_config.json").is_file():  # a masked-diffusion model (l2d.mdm): a model or peft folder too
+        return "mdm"
     if (p / "l2d_config.json").is_file():
         return "l2d"
     if (p / "adapter_config.json").is_file():
@@ -59,9 +61,10 @@ def default_base(path: str, kind: str) -> str | None:
             raise ValueError(f"{recipe} is not a readable recipe ({e}); fix it or pass --base.") from None
         if name:
             return name
-    cfg = p / ("l2d_config.json" if kind == "l2d" else "adapter_config.json")
+    cfg = p / {"l2d": "l2d_config.json", "mdm": "mdm_config.json"}.get(kind, "adapter_config.json")
     try:
-        return json.loads(cfg.read_text()).get("base_model_name_or_path")
+        saved = json.loads(cfg.read_text())
+        return (saved.get("config", saved) if kind == "mdm" else saved).get("base_model_name_or_path")
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg} is not valid JSON ({e}): the file is corrupt; re-save the adapter "
                          "(save_pretrained) or download it again.") from None
@@ -88,6 +91,10 @@ def load_for_eval(adapter: str, base: str | None = None, dtype: str = "float32")
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}; use --dtype {', '.join(dtypes)}.")
     torch_dtype = dtypes[dtype]
+    if kind == "mdm":
+        from ..mdm.model import load_for_eval as load_mdm
+
+        return (*load_mdm(adapter, base, torch_dtype), kind)
     if kind == "full":
         model, tok = load_base(base or adapter, dtype=torch_dtype)
         return model, tok, kind
@@ -168,13 +175,16 @@ def run_eval(args) -> int:
     check_task(args.task)
     check_solver_args(args)
     kind = adapter_kind(args.adapter)
-    if kind != "l2d" and any(s != 0 for s in args.steps):
+    if kind == "mdm" and any(s < 1 for s in args.steps):
+        raise ValueError(f"{args.adapter!r} is a masked diffusion model: it decodes in --steps >= 1 forward passes "
+                         "(at most --max-new-tokens).")
+    if kind not in ("l2d", "mdm") and any(s != 0 for s in args.steps):
         raise ValueError(f"{args.adapter!r} is a {kind} model without a diffusion path: only --steps 0 applies.")
     task = get_task(args.task, **_task_kwargs(args))
     model, tok, kind = load_for_eval(args.adapter, args.base, args.dtype)
-    method = args.name or {"base": "base", "peft": "lora", "full": "full", "l2d": "l2d"}[kind]
+    method = args.name or {"base": "base", "peft": "lora", "full": "full", "l2d": "l2d", "mdm": "mdm"}[kind]
     gen_kw = solver_kwargs(args) if kind == "l2d" else {}
-    steps = steps_for_solver(args.steps, args.solver)
+    steps = args.steps if kind == "mdm" else steps_for_solver(args.steps, args.solver)
     rows = evaluate(model, tok, task, steps, n=args.n, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, solver=args.solver, samples=args.samples,
                     temperature=args.temperature, seed=args.seed, prompt_format=args.prompt_format,

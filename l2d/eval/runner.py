@@ -39,6 +39,12 @@ def _is_l2d(model) -> bool:
     return isinstance(model, L2DModel)
 
 
+def _is_mdm(model) -> bool:
+    from ..mdm import MaskedDiffusionModel
+
+    return isinstance(model, MaskedDiffusionModel)
+
+
 def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -92,8 +98,10 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
     """
     from tqdm.auto import tqdm
 
-    l2d = _is_l2d(model)
-    if not l2d and steps not in (0, None):
+    l2d, mdm = _is_l2d(model), _is_mdm(model)
+    if mdm and not steps:
+        raise ValueError("a masked diffusion model decodes in steps >= 1 forward passes (steps=0 has no meaning).")
+    if not (l2d or mdm) and steps not in (0, None):
         raise ValueError(f"steps={steps} needs an L2D model: a plain model has no diffusion path (use steps=0).")
     if seeds is None:
         seeds = [seed + i for i in range(len(prompts))]
@@ -115,7 +123,12 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
             mask[r, width - len(encoded[i]):] = 1
         ids, mask = ids.to(device), mask.to(device)
         t0 = time.perf_counter()
-        if l2d:
+        if mdm:  # every new position decoded at once in `steps` forward passes (l2d.mdm.generation)
+            out = model.generate(ids, mask, max_new_tokens=max_new_tokens, steps=steps, do_sample=do_sample,
+                                 temperature=temperature, seed=[int(seeds[i]) for i in idx],
+                                 eos_token_id=eos or None, pad_token_id=pad, return_dict_in_generate=True)
+            sequences, nfe_per_step = out.sequences, None
+        elif l2d:
             out = model.generate(ids, mask, max_new_tokens=max_new_tokens, steps=steps, solver=solver,
                                  do_sample=do_sample, temperature=temperature, seed=[int(seeds[i]) for i in idx],
                                  eos_token_id=eos or None, pad_token_id=pad, stop_strings=stop_strings or None,
@@ -147,7 +160,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
             n_generated[i] = n
             # A row that stopped early spent no evaluations after its end, but the batch loop
             # kept going for the others: count each row's own tokens only.
-            total_nfe += sum(nfe_per_step[:n])
+            # (masked diffusion: the row's forward passes, whatever its length)
+            total_nfe += steps if mdm else sum(nfe_per_step[:n])
             text = tokenizer.decode(row[:n], skip_special_tokens=True)
             completions[i] = truncate_at_stop(text, stop_strings or ())
     return {"completions": completions, "generated_tokens": n_generated, "nfe": total_nfe, "seconds": seconds}
@@ -193,7 +207,7 @@ def evaluate(model, tokenizer, task: Task, steps_list: Sequence[int] = (0,), *, 
     fmt = _resolve_format(tokenizer, prompt_format)
     prompts = render_prompts(tokenizer, examples, fmt)
     stops = list(stop_strings) if stop_strings is not None else _default_stops(task, fmt)
-    method = method or ("l2d" if _is_l2d(model) else "model")
+    method = method or ("l2d" if _is_l2d(model) else "mdm" if _is_mdm(model) else "model")
     do_sample = samples > 1
     rows = []
     for steps in steps_list:

@@ -77,6 +77,10 @@ class MaskedDiffusionModel(nn.Module):
         return embedding_rows(self.causal_lm)
 
     @property
+    def generation_config(self):
+        return self.causal_lm.generation_config
+
+    @property
     def is_lora(self) -> bool:
         return hasattr(self.model, "peft_config")
 
@@ -234,3 +238,26 @@ def get_mdm_model(base_model: nn.Module, config: MaskedDiffusionConfig | None = 
                           trainable_token_indices=[config.mask_token_id])
         model = get_peft_model(base_model, lora)
     return MaskedDiffusionModel(model, config).train()
+
+
+def load_for_eval(path: str, base: str | None = None, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of a folder written by ``l2d train`` with ``method: mdm``: the tokenizer
+    saved beside it (it may hold an added [MASK]), else the base's."""
+    from ..pretrained import load_base
+
+    config, _ = MaskedDiffusionConfig.load(path)
+    base_name = base or config.base_model_name_or_path
+    base_model = tok = None
+    if os.path.isfile(os.path.join(path, PEFT_CONFIG)) or not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        if not base_name:
+            raise ValueError(f"{path} names no base model: pass --base.")
+        base_model, tok = load_base(base_name, dtype=dtype)
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    if os.path.isfile(os.path.join(path, PEFT_CONFIG)):
+        return MaskedDiffusionModel.from_pretrained(path, base_model=base_model), tok
+    return MaskedDiffusionModel.from_pretrained(path, dtype=dtype), tok
