@@ -94,6 +94,16 @@ def run_generate(args) -> int:
     from .generation import EarlyStop
 
     model, tok, kind = load_for_eval(args.adapter, args.base, args.dtype)
+    if kind == "mdm":  # masked diffusion: every new position at once, in --steps forward passes
+        text = render_prompt(tok, args.prompt, system_prompt=args.system, chat_template=not args.raw)
+        enc = tok(text, return_tensors="pt", add_special_tokens=args.raw)
+        out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                             steps=args.steps or None, do_sample=args.sample, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_token_id, seed=args.seed,
+                             return_dict_in_generate=True)
+        print(tok.decode(out.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        print(f"[{args.max_new_tokens} positions, {out.forward_passes} forward passes]", file=sys.stderr)
+        return 0
     if kind != "l2d" and args.steps != 0:
         raise ValueError(f"{args.adapter!r} is a {kind} model without a diffusion path: use --steps 0.")
     text = render_prompt(tok, args.prompt, system_prompt=args.system, chat_template=not args.raw)
@@ -123,7 +133,8 @@ def add_generate(sub) -> None:
     p.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
-    p.add_argument("--steps", type=int, default=8, help="ODE steps per token; 0 is the base model (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="ODE steps per token; 0 is the base model (default 8); "
+                   "for a masked diffusion (mdm) model: forward passes for all new positions (0: one per position)")
     p.add_argument("--solver", default="euler",
                    help="euler | midpoint | heun | rk4, or adaptive dopri5 | bosh3 | adaptive_heun (default euler)")
     p.add_argument("--grid", default="uniform", help="fixed-grid spacing: uniform | cosmap (default uniform)")

@@ -88,3 +88,14 @@ def test_eval_scores_an_mdm_model_by_steps(tmp_path, base_dir, data_file):
     assert all(r["nfe_per_token"] > 0 for r in rows)
     with pytest.raises(ValueError, match="steps >= 1"):
         evaluate(model, tok, task, [0], max_new_tokens=3, progress=False)
+
+
+def test_cli_generates_with_an_mdm_model(tmp_path, base_dir, data_file, capsys):
+    from l2d.cli import main
+
+    out = tmp_path / "run"
+    train(recipe_from_dict(mdm_recipe(base_dir, data_file, out)))
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "what is two plus three", "--steps", "2",
+                 "--max-new-tokens", "4"]) == 0
+    assert "4 positions, 2 forward passes" in capsys.readouterr().err
