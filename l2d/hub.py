@@ -89,12 +89,13 @@ def eval_table(rows: list[dict]) -> str:
 
 
 def model_card(config: L2DConfig, repo_id: str, recipe: str | None = None, eval_rows: list[dict] | None = None,
-               trainable_parameters: int | None = None) -> str:
+               trainable_parameters: int | None = None, tags: list[str] | None = None) -> str:
     """README.md of an L2D adapter: hub metadata, what it is, how to load it, recipe and results."""
     from huggingface_hub import ModelCardData
 
     base = hub_base_id(config.base_model_name_or_path)
-    meta = ModelCardData(base_model=base, library_name="l2d", tags=TAGS + ["text-generation"],
+    tags = list(dict.fromkeys(TAGS + list(tags or []) + ["text-generation"]))
+    meta = ModelCardData(base_model=base, library_name="l2d", tags=tags,
                          pipeline_tag="text-generation").to_yaml()
     params = f" ({trainable_parameters:,d} trainable parameters)" if trainable_parameters else ""
     parts = [f"---\n{meta}\n---", f"# {repo_id.split('/')[-1]}",
@@ -164,7 +165,7 @@ def baseline_card(kind: str, base: str | None, repo_id: str, recipe: str | None)
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 commit_message: str | None = None, recipe=None, eval_results=None, revision: str | None = None,
-                create_pr: bool = False, api=None):
+                create_pr: bool = False, tags: list[str] | None = None, api=None):
     """Upload an adapter folder (``save_pretrained`` or ``l2d train`` output) with a generated card.
 
     The card is written into a copy, never into ``folder``. Returns the hub's commit info.
@@ -178,7 +179,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         if not (folder / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"No {WEIGHTS_NAME} in {folder}: save the adapter before pushing it.")
         files = [CONFIG_NAME, WEIGHTS_NAME]
-        card = model_card(config, repo_id, recipe_text, rows, _count_weights(folder / WEIGHTS_NAME))
+        card = model_card(config, repo_id, recipe_text, rows, _count_weights(folder / WEIGHTS_NAME), tags)
     else:
         from .eval.command import adapter_kind, default_base
 
@@ -212,4 +213,5 @@ def push_to_hub(model, repo_id: str, **kwargs):
     """:meth:`L2DModel.push_to_hub`: save the adapter to a temporary folder and push that."""
     with tempfile.TemporaryDirectory(prefix="l2d-save-") as folder:
         model.save_pretrained(folder)
+        kwargs.setdefault("tags", getattr(model, "model_tags", None))  # e.g. TRL's "trl", "sft"
         return push_folder(folder, repo_id, **kwargs)

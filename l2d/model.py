@@ -66,6 +66,13 @@ class L2DModel(nn.Module):
     data-dependent init (``config.latent_init``) for a path whose weights are loaded next.
     """
 
+    # What transformers' Trainer reads off a model: the loss shifts labels as a causal LM's does (so
+    # num_items_in_batch counts labels[:, 1:]) and forward takes that count (l2d.trainer).
+    main_input_name = "input_ids"
+    loss_type = "ForCausalLM"
+    accepts_loss_kwargs = True
+    supports_gradient_checkpointing = True
+
     def __init__(self, base_model: nn.Module, config: L2DConfig | None = None, init_weights: bool = True):
         super().__init__()
         config = config or L2DConfig()
@@ -129,6 +136,16 @@ class L2DModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.base_model.get_input_embeddings().weight.dtype
+
+    def add_model_tags(self, tags) -> None:
+        """Tags a trainer adds (TRL's "trl", "sft"); push_to_hub puts them on the model card."""
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        self.model_tags = list(dict.fromkeys(getattr(self, "model_tags", []) + tags))
+
+    @property
+    def generation_config(self):
+        """The base's generation config (``steps=0`` is the base; trainers mirror token ids onto it)."""
+        return self.base_model.generation_config
 
     @property
     def vocab_size(self) -> int:
@@ -311,7 +328,8 @@ class L2DModel(nn.Module):
     # --- training / teacher-forced forward -------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, class_labels=None, t=None,
                 noise=None, position_ids=None, output_logits: bool | None = None,
-                self_conditioning: bool | None = None, reduction: str = "mean", **_) -> L2DOutput:
+                self_conditioning: bool | None = None, reduction: str = "mean", num_items_in_batch=None,
+                **_) -> L2DOutput:
         """Teacher-forced forward: position ``i`` predicts token ``i+1`` from its noisy latent.
 
         With ``labels`` the path runs only at supervised positions (diffusion positions never see
@@ -328,7 +346,14 @@ class L2DModel(nn.Module):
                 ``config.self_conditioning`` in training, off in eval).
             reduction: ``mean`` over supervised tokens, ``sum`` (for exact gradient accumulation),
                 or ``none`` (one loss per supervised token, in packed order).
+            num_items_in_batch: supervised tokens of the whole accumulated batch (transformers'
+                Trainer passes it): the summed loss is divided by it instead of this batch's count.
         """
+        if num_items_in_batch is not None and labels is not None and reduction == "mean":
+            out = self.forward(input_ids, attention_mask, labels, class_labels, t, noise, position_ids,
+                               output_logits, self_conditioning, reduction="sum")
+            out.loss = out.loss / num_items_in_batch
+            return out
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._check_ids(input_ids, attention_mask, labels)
@@ -431,14 +456,18 @@ class L2DModel(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     # --- save / load -----------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, state_dict: dict | None = None, **_) -> None:
+    def save_pretrained(self, save_directory: str, state_dict: dict | None = None, is_main_process: bool = True,
+                        **_) -> None:
         """Write ``l2d_config.json`` and ``l2d_model.safetensors`` (the path only), atomically.
 
         ``state_dict``: the weights to write instead of the live ones, as transformers and peft take
         it: a whole-model state dict (keys ``path.*``, e.g. ``accelerator.get_state_dict(model)``,
-        which gathers weights that FSDP or DeepSpeed shard) or the path's own."""
+        which gathers weights that FSDP or DeepSpeed shard) or the path's own. ``is_main_process=False``
+        (as transformers' Trainer passes on other ranks) writes nothing."""
         from safetensors.torch import save_file
 
+        if not is_main_process:
+            return
         os.makedirs(save_directory, exist_ok=True)
         if state_dict is None:
             state_dict = self.path.state_dict()
