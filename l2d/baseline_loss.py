@@ -33,16 +33,40 @@ def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     transforms = head_kwargs(causal_lm.config)
     rows, targets = hidden[:, :-1][supervised], targets[supervised]
     if gathered_in_forward(head):
-        # The head's whole weight exists only inside its own forward: call it, at the supervised
-        # rows only, and take the cross-entropy of its [rows, vocab] logits.
-        logits = head(rows).float()
-        if transforms["logit_scale"] is not None:
-            logits = logits * transforms["logit_scale"]
-        if transforms["softcap"] is not None:
-            logits = transforms["softcap"] * torch.tanh(logits / transforms["softcap"])
-        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return chunked_head_loss(head, rows, targets, transforms)
     return l2d_kernels.linear_cross_entropy(rows, head.weight, targets, bias=getattr(head, "bias", None),
                                             reduction="sum", **transforms)
+
+
+# Logits per chunk, as l2d_kernels.linear_cross_entropy takes them: at most one [chunk, vocab] float32
+# block is alive at a time, in forward and in backward.
+CHUNK_LOGITS = 2 ** 25
+
+
+def chunked_head_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, transforms: dict,
+                      chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``head(rows)`` when the head's whole weight exists only inside its own
+    forward (FSDP2, ZeRO-3): the head is called per chunk of rows, and each chunk is recomputed in
+    backward (activation checkpointing), so no [rows, vocab] logits are ever kept; each call gathers
+    the weight as the wrapper does for any forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    chunk_rows = chunk_rows or max(1, CHUNK_LOGITS // max(1, vocab))
+    total = rows.new_zeros((), dtype=torch.float32)
+    for part, tgt in zip(rows.split(chunk_rows), targets.split(chunk_rows)):
+        total = total + checkpoint(_head_loss, head, part, tgt, transforms["logit_scale"], transforms["softcap"],
+                                   use_reentrant=False)
+    return total
+
+
+def _head_loss(head, rows, targets, logit_scale, softcap):
+    logits = head(rows).float()
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
 def gathered_in_forward(module: nn.Module) -> bool:
