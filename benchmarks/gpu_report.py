@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
+DEVICE = "cuda"  # the sections run here (a CPU dry run of their code sets it to "cpu")
 SECTIONS = ("env", "kernel_tests", "kernel_speed", "train_step", "generate", "device_map")
 # A Llama-3.2-1B-shaped config (1.24B parameters with tied embeddings), random weights.
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -155,7 +156,7 @@ def section_train_step(batch: int, seq_len: int) -> dict:
     from l2d.bench import run_bench
 
     result = run_bench(_recipe(), methods=("l2d", "lora"), batch=batch, seq_len=seq_len, response=0.5,
-                       repeats=3, warmup=1, device="cuda", load=random_llama, progress=False)
+                       repeats=3, warmup=1, device=DEVICE, load=random_llama, progress=False)
     tokens = result["batch"]["tokens"]
     rows = [{"name": r["name"], "trainable": r["trainable"], "ms": 1e3 * r["time"], "tokens/s": tokens / r["time"],
              "peak MiB": None if r["memory"] is None else r["memory"] / 2**20,
@@ -167,7 +168,7 @@ def section_generate(steps: list[int], new_tokens: int) -> dict:
     from l2d.bench_generate import run_generate_bench
 
     result = run_generate_bench(_recipe(), steps=steps, solver="euler", batch=1, new_tokens=new_tokens, repeats=2,
-                                device="cuda", load=random_llama, progress=False)
+                                device=DEVICE, load=random_llama, progress=False)
     rows = [{k: r[k] for k in ("setting", "steps", "ms_per_token", "nfe_per_token", "vs_base")} for r in result["rows"]]
     return {"status": "ok", "rows": rows, "raw": result}
 
