@@ -21,6 +21,7 @@ import l2d_kernels
 from . import __version__
 from .arch import ArchAdapter
 from .config import CONFIG_NAME, WEIGHTS_NAME, L2DConfig
+from .device_map import is_dispatched, place_blocks
 from .latent import add_noise, loss_weights, sample_timesteps
 from .path import DiffusionPath, StreamContext
 
@@ -85,6 +86,8 @@ class L2DModel(nn.Module):
         base_model.eval()
         device = base_model.get_input_embeddings().weight.device
         self.path = DiffusionPath(self.arch, config).to(device)
+        if is_dispatched(base_model):  # device_map / offload: each block on its layer's device
+            self._device_hooks = place_blocks(self)
         if init_weights and config.latent_init != "random":  # (from_pretrained loads the weights instead)
             self.path.latent.init_from_embeddings(base_model.get_input_embeddings().weight, config.latent_init)
         self._disabled = False
@@ -232,8 +235,9 @@ class L2DModel(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        return MainPathState(cache, captured["h"], position_ids, attention_mask, captured.get("e"),
-                             captured.get("a"))
+        start = captured.get("e")  # (moved home: with a device map the layers may sit elsewhere)
+        return MainPathState(cache, captured["h"].to(self.device), position_ids, attention_mask,
+                             None if start is None else start.to(self.device), captured.get("a"))
 
     def run_context_pass(self, input_ids, attention_mask, position_ids, cache=None) -> DynamicCache:
         """``context="adapted"``: the frozen layers with the path's q/o/MLP deltas on, over every
