@@ -165,8 +165,11 @@ def get_spec(config) -> ArchSpec:
     return spec
 
 
-def _refuse_alibi(config):
-    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi":
+def _refuse_alibi(config, model: nn.Module | None = None):
+    """ALiBi biases scores by distance inside attention: the cache holds no positions to reuse.
+    Found by the config (falcon, mpt) or a backbone that builds the bias (bloom)."""
+    builds_alibi = model is not None and any("alibi" in name for name in dir(type(model.base_model)))
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi" or builds_alibi:
         raise refusal(getattr(config, "model_type", None),
                       "ALiBi attention is not supported by the diffusion path (no cached rotary positions)")
 
@@ -176,7 +179,7 @@ def resolve_spec(model: nn.Module) -> ArchSpec:
     (``l2d/arch_derive.py``); a derived spec is checked by :class:`ArchAdapter` before use."""
     if getattr(model.config, "model_type", None) in SPECS:
         return get_spec(model.config)
-    _refuse_alibi(model.config)
+    _refuse_alibi(model.config, model)
     from .arch_derive import derive_spec
 
     return derive_spec(model)

@@ -236,14 +236,19 @@ def _same(a, b) -> bool:
 def _norms(trace: dict, layer0: nn.Module, family) -> dict:
     """Norm names by data flow in layer 0, ``parallel`` and the modulated norms' kind."""
     io = {name: (inp, out) for name, inp, out in trace["calls"]}
+    order = [name for name, _, _ in trace["calls"]]
     (attn_in, attn_out), (mlp_in, mlp_out) = io[trace["attn"]], io[trace["mlp"]]
     found = dict(attn_norm=None, mlp_norm=None, post_attn_norm=None, post_mlp_norm=None)
     for name, (inp, out) in io.items():
         if name in (trace["attn"], trace["mlp"]) or not _is_norm(getattr(layer0, name)):
             continue
-        for key, hit in (("attn_norm", _same(out, attn_in)), ("mlp_norm", _same(out, mlp_in)),
+        # a norm feeding the attention (MLP) is the last match called before it: equal gains
+        # (LayerNorms at init) give equal outputs for one input (gpt_neox's parallel block)
+        before = {key: order.index(name) < order.index(trace[key]) for key in ("attn", "mlp")}
+        for key, hit in (("attn_norm", before["attn"] and _same(out, attn_in)),
+                         ("mlp_norm", before["mlp"] and _same(out, mlp_in)),
                          ("post_attn_norm", _same(inp, attn_out)), ("post_mlp_norm", _same(inp, mlp_out))):
-            if hit and found[key] is None:
+            if hit and (found[key] is None or key in ("attn_norm", "mlp_norm")):
                 found[key] = name
     layer_in = trace["layer_in"]
     if found["attn_norm"] is None and not _same(attn_in, layer_in):

@@ -64,9 +64,13 @@ def tiny_config(**kw) -> L2DConfig:
 def randomize_path(model, seed: int = 1, scale: float = 0.5):
     """Give every zero-initialised part of the path non-trivial values (as after training)."""
     g = torch.Generator().manual_seed(seed)
+    # the adaLN heads' outputs are scaled by config.adaln_scale: their weights grow by its inverse
+    # in training, so the randomised path is modulated as strongly whatever the scale
+    head_gain = 1.0 / getattr(model.config, "adaln_scale", 1.0)
     with torch.no_grad():
-        for p in model.path.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale / max(1, p.shape[-1]) ** 0.5)
+        for name, p in model.path.named_parameters():
+            gain = head_gain if ".adaln." in name else 1.0
+            p.add_(torch.randn(p.shape, generator=g) * gain * scale / max(1, p.shape[-1]) ** 0.5)
 
 
 def batch(seed: int = 0, B: int = 2, T: int = 12, prompt: int = 5, vocab: int = VOCAB):
