@@ -8,6 +8,10 @@ from torch import nn
 
 import l2d_kernels
 
+# Where the field of an open-gate path (``merge_init="open"``) is evaluated for t = 0: the gate jumps
+# from 0 at t = 0 (the base, by construction) to about 1 just after; its right limit is the path.
+OPEN_GATE_T0 = 1e-3
+
 
 class LatentMap(nn.Module):
     r"""The trainable map ``phi`` from frozen token embeddings to latents.
@@ -17,10 +21,12 @@ class LatentMap(nn.Module):
     Every latent has norm ``sqrt(d)``, so its coordinates are about unit scale.
     """
 
-    def __init__(self, hidden_size: int, latent_dim: int):
+    def __init__(self, hidden_size: int, latent_dim: int, bias: bool = False):
         super().__init__()
         self.latent_dim = latent_dim
-        self.phi = nn.Linear(hidden_size, latent_dim, bias=False)
+        self.phi = nn.Linear(hidden_size, latent_dim, bias=bias)  # bias: the reference's (config.latent_bias)
+        if bias:
+            nn.init.zeros_(self.phi.bias)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         u = self.phi(embeddings.to(self.phi.weight.dtype))

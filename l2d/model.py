@@ -266,7 +266,7 @@ class L2DModel(nn.Module):
         (``h = h_main + g (h_f - h_main)``), ``merge_init="open"`` with a frozen all-zero merge head
         (as when the conditioning heads are frozen) and ``t > 0``, so that ``g = 1`` exactly and
         ``h = h_f``: the main path's hidden states are then not needed."""
-        merge = self.path.merge[1]
+        merge = self.path.merge[-1]
         return (self.config.stream_init == "main" and self.config.merge_init == "open"
                 and not merge.weight.requires_grad and not bool(merge.weight.any()) and bool((t_q > 0).all()))
 

@@ -40,11 +40,14 @@ from .stream_mlp import stream_mlp
 class LowRankDelta(nn.Module):
     """``delta(x) = (alpha / r) * B A x`` with ``B = 0`` at init (so the frozen layer is unchanged)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, init: str = "torch"):
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, in_features))
         self.B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if init == "paper":  # the reference's A ~ N(0, 1 / r^2)
+            nn.init.normal_(self.A, std=1.0 / rank)
+        else:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ class FullDelta(nn.Module):
 def make_delta(config: L2DConfig, in_features: int, out_features: int) -> nn.Module:
     if config.path_variant == "full":
         return FullDelta(in_features, out_features)
-    return LowRankDelta(in_features, out_features, config.rank, config.alpha)
+    return LowRankDelta(in_features, out_features, config.rank, config.alpha, config.weight_init)
 
 
 def _linear_features(module: nn.Module):
@@ -224,12 +227,12 @@ class _ContextForward:
 
 
 # --- conditioning, encoder, merge ----------------------------------------------------------
-def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """``[cos(t * f_k), sin(t * f_k)]`` with ``f_k = max_period^(-k / (dim/2))``; ``t`` in [0, 1]
-    is scaled by 1000 first so its range spans the frequencies."""
+def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> torch.Tensor:
+    """``[cos(s t * f_k), sin(s t * f_k)]`` with ``f_k = max_period^(-k / (dim/2))``; ``t`` in [0, 1]
+    is scaled by ``s`` (1000 by default, so its range spans the frequencies; the reference: 1)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * 1000.0).unsqueeze(-1) * freqs
+    args = (t.float() * scale if scale != 1.0 else t.float()).unsqueeze(-1) * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -241,14 +244,26 @@ class Conditioning(nn.Module):
         self.time_features = config.time_features
         self.time_mlp = nn.Sequential(nn.Linear(config.time_features, config.cond_dim), nn.SiLU(),
                                       nn.Linear(config.cond_dim, config.cond_dim))
-        self.class_embedding = nn.Embedding(config.num_classes + 1, config.cond_dim)
+        self.time_scale = config.time_scale
+        if config.weight_init == "paper":  # the reference's: N(0, 0.02^2) weights, zero biases
+            for layer in (self.time_mlp[0], self.time_mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        # no classes (class_names=()): no class embedding, c is the time embedding alone
+        self.class_embedding = nn.Embedding(config.num_classes + 1, config.cond_dim) if config.num_classes else None
+        # small, as for the time MLP's output: N(0, 1) rows made sum|SiLU(c)|, and with it every
+        # zero-initialised head's first AdamW steps, several times larger
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding.weight, std=config.class_init_std)
         self.null_class = config.num_classes
 
     def forward(self, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """t: [B, Tq] in [0, 1]; class_labels: [B] (null class for none), or one per query [B, Tq].
         Returns [B, Tq, cond_dim]."""
         dtype = self.time_mlp[0].weight.dtype
-        c = self.time_mlp(sinusoidal(t.clamp(0.0, 1.0), self.time_features).to(dtype))
+        c = self.time_mlp(sinusoidal(t.clamp(0.0, 1.0), self.time_features, scale=self.time_scale).to(dtype))
+        if self.class_embedding is None:
+            return c
         labels = self.class_embedding(class_labels)
         return c + (labels if class_labels.dim() == t.dim() else labels.unsqueeze(1))
 
@@ -257,13 +272,43 @@ class InputEncoder(nn.Module):
     """``[x_t / s(t), z_hat] -> MLP -> R^H`` (or ``t x_t / s(t)^2``, ``config.encoder_input``): the
     initial diffusion residual (added to the token embedding when the stream starts from the main path)."""
 
-    def __init__(self, latent_dim: int, hidden: int, out: int):
+    def __init__(self, latent_dim: int, hidden: int, out: int, reads_z_hat: bool = True):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, out))
+        self.reads_z_hat = reads_z_hat  # False (config.encoder_z_hat): x_t alone, as the reference
+        self.net = nn.Sequential(nn.Linear((2 if reads_z_hat else 1) * latent_dim, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out))
 
     def forward(self, x_scaled: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         dtype = self.net[0].weight.dtype
-        return self.net(torch.cat([x_scaled, z_hat], dim=-1).to(dtype))
+        return self.net((torch.cat([x_scaled, z_hat], dim=-1) if self.reads_z_hat else x_scaled).to(dtype))
+
+
+def conditioning_head(config: L2DConfig, out: int) -> nn.Sequential:
+    """A head on ``c`` whose last layer starts at zero: ``Sequential(SiLU, Linear(cond, out))``
+    (``head_layers=1``) or ``Sequential(Linear(cond, cond), SiLU, Linear(cond, out))`` (2, the
+    reference's; its first layer xavier-uniform with a zero bias under ``weight_init="paper"``)."""
+    cond = config.cond_dim
+    if config.head_layers == 1:
+        head = nn.Sequential(nn.SiLU(), nn.Linear(cond, out))
+    else:
+        head = nn.Sequential(nn.Linear(cond, cond), nn.SiLU(), nn.Linear(cond, out))
+        if config.weight_init == "paper":
+            _xavier(head[0])
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
+def head_input(config: L2DConfig, c: torch.Tensor) -> torch.Tensor:
+    """What the adaLN heads' shared part reads: ``SiLU(c)`` for one-layer heads (applied once for
+    all blocks, see :meth:`DiffusionBlock.modulation`), ``c`` itself for two-layer heads."""
+    return F.silu(c) if config.head_layers == 1 else c
+
+
+def _xavier(layer: nn.Linear) -> None:
+    nn.init.xavier_uniform_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 # --- one block per decoder layer -----------------------------------------------------------
@@ -278,11 +323,10 @@ class DiffusionBlock(nn.Module):
         # (no adaLN head: nothing conditions on t there)
         self.in_stream = in_stream
         self.open_gates = config.stream_init == "main"  # gates 1 + g: the block starts as its frozen layer
+        self.adaln_scale = config.adaln_scale
         hidden = arch.hidden_size
         if in_stream:
-            self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 6 * hidden))
-            nn.init.zeros_(self.adaln[1].weight)
-            nn.init.zeros_(self.adaln[1].bias)
+            self.adaln = conditioning_head(config, 6 * hidden)
         q_in, q_out = arch.q_in_out(index)
         self.q_delta = make_delta(config, q_in, q_out)
         o_in, o_out = _linear_features(arch.o_module(index))
@@ -328,7 +372,11 @@ class DiffusionBlock(nn.Module):
 
         ``adaln`` is ``Sequential(SiLU, Linear)``; the caller applies the SiLU once for all blocks, so
         that backward keeps one ``SiLU(c)`` rather than one per block."""
-        dw1, shift1, gate1, dw2, shift2, gate2 = self.adaln[1](c_act).float().chunk(6, dim=-1)
+        # one-layer head: its SiLU was applied by the caller; two-layer head: c_act is c itself
+        out = (self.adaln[1](c_act) if len(self.adaln) == 2 else self.adaln(c_act)).float()
+        if self.adaln_scale != 1.0:
+            out = out * self.adaln_scale
+        dw1, shift1, gate1, dw2, shift2, gate2 = out.chunk(6, dim=-1)
         if self.open_gates:
             gate1, gate2 = 1 + gate1, 1 + gate2
         return dw1, shift1, gate1, dw2, shift2, gate2
@@ -509,9 +557,14 @@ class DiffusionPath(nn.Module):
         self.config = config
         hidden = arch.hidden_size
         self.switch = DeltaSwitch()
-        self.latent = LatentMap(hidden, config.latent_dim)
+        self.latent = LatentMap(hidden, config.latent_dim, bias=config.latent_bias)
         self.conditioning = Conditioning(config)
-        self.encoder = InputEncoder(config.latent_dim, config.encoder_hidden or hidden, hidden)
+        self.encoder = InputEncoder(config.latent_dim, config.encoder_hidden or hidden, hidden,
+                                    reads_z_hat=config.encoder_z_hat)
+        if config.weight_init == "paper":  # the reference's xavier-uniform weights, zero biases
+            _xavier(self.latent.phi)
+            for layer in (self.encoder.net[0], self.encoder.net[2]):
+                _xavier(layer)
         if config.merge_init in ("ramp", "open"):  # the gate starts open, so the path's input starts at zero
             nn.init.zeros_(self.encoder.net[-1].weight)
             nn.init.zeros_(self.encoder.net[-1].bias)
@@ -529,9 +582,7 @@ class DiffusionPath(nn.Module):
             DiffusionBlock(arch, i, config, self.switch, in_stream=i >= self.stream_start,
                            in_context=i >= context_start)
             for i in range(min(self.stream_start, context_start), L))
-        self.merge = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, hidden))
-        nn.init.zeros_(self.merge[1].weight)
-        nn.init.zeros_(self.merge[1].bias)
+        self.merge = conditioning_head(config, hidden)
 
     def kv_deltas(self, arch: ArchAdapter, attn_inputs: list, position_ids: torch.Tensor) -> list | None:
         """Per layer ``(dK, dV)`` at the positions of ``attn_inputs`` (``kv_rank > 0``), else None."""
@@ -579,7 +630,7 @@ class DiffusionPath(nn.Module):
         s = marginal_std(t.float(), self.config.sigma).unsqueeze(-1)
         # the encoder reads x_t / s(t), or t x_t / s(t)^2 = E[z | x_t] (linear, unit-variance z)
         x_scale = 1 / s if self.config.encoder_input == "scaled" else t.float().unsqueeze(-1) / s**2
-        c_act = F.silu(c) if modulations else None
+        c_act = head_input(self.config, c) if modulations else None
         mods = [block.modulation(c_act) for block in self.stream_blocks] if modulations else None
         return TimeConditioning(c, gate, x_scale, mods, bool(at_zero.all()))
 
@@ -605,7 +656,7 @@ class DiffusionPath(nn.Module):
                 raise ValueError("stream_init='main' needs h_start, the main path's input to the stream's "
                                  "first layer.")
             h = h + h_start.float()
-        c_act = F.silu(cond.c) if cond.modulations is None else None  # each block's adaLN input
+        c_act = head_input(self.config, cond.c) if cond.modulations is None else None  # each block's adaLN input
         for i, block in enumerate(self.stream_blocks):
             modulation = None if cond.modulations is None else cond.modulations[i]
             if checkpoint and torch.is_grad_enabled():
