@@ -3,15 +3,17 @@
 With neutral modulation (``dw = shift = 0``, gates 1) and zero deltas, a diffusion block fed the
 main path's input to layer ``l`` at every position must return the main path's output of layer
 ``l``: same norms, query projection, rotary, q/k norms, GQA, window, scales, residual shape. The
-check runs the frozen model once on two random rows (one left-padded by 3 tokens), keeps each
-layer's input, attention input/output and MLP input/output, and compares, layer by layer,
+check runs the frozen model once on two random rows (one left-padded by 2 tokens), keeps each
+layer's input/output and its attention's and MLP's, and compares at the unpadded positions
+
+    layer:      block(layer_in)                  vs  the layer's output, every layer
+    head:       postprocess(lm_head(norm(h_L)))  vs  the model's logits (last position)
+
+and, for a layer that does not match, which piece does not (to name it in the error):
 
     attention:  block.attention(attn_in)        vs  the attention module's output
     MLP:        block's MLP (parts or module)    vs  the MLP module's output
-    layer:      block(layer_in)                  vs  the layer's output
-    head:       postprocess(lm_head(norm(h_L)))  vs  the model's logits
-
-at the unpadded positions. A difference above ``tol(dtype) * max(1, max |reference|)`` refuses
+ A difference above ``tol(dtype) * max(1, max |reference|)`` refuses
 the base, naming the family, the piece and the layer. A derived spec is used only once checked.
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 import weakref
 
 import torch
+from transformers import DynamicCache
 
-from .arch import ArchAdapter, refusal
+from .arch import ArchAdapter, ArchRefused, refusal
 
 # max error relative to max(1, max |reference|) per dtype: float32 agrees to ~1e-6, half
 # precisions to a few units of their last place
@@ -37,7 +40,7 @@ def verify_once(arch: ArchAdapter) -> None:
     _VERIFIED[arch.model] = arch.spec
 
 
-def check(arch: ArchAdapter, batch: int = 2, length: int = 9, pad: int = 3) -> float:
+def check(arch: ArchAdapter, batch: int = 2, length: int = 6, pad: int = 2) -> float:
     """Raise :class:`~l2d.arch.ArchRefused` unless every rebuilt layer matches the real one;
     returns the largest error relative to its reference's scale."""
     model = arch.model
@@ -82,17 +85,26 @@ def _record(arch: ArchAdapter):
 
 
 def _run(arch: ArchAdapter, ids, mask):
+    """One forward of the frozen model: the recorded activations, its cache, and the logits of
+    the last position only where the family allows (the vocabulary head is most of a short
+    forward's work)."""
+    import inspect
+
     from .model import positions_from_mask
 
     store, hooks = _record(arch)
     positions = positions_from_mask(mask)
+    params = inspect.signature(arch.model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_kw = "cache" if "cache" in params else "past_key_values"
     try:
-        cache = arch.run_backbone(ids, mask, positions)
-        logits = arch.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        out = arch.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{cache_kw: DynamicCache()}, **extra)
     finally:
         for h in hooks:
             h.remove()
-    return store, cache, logits, positions
+    cache = out.get("cache", None) or out.get("past_key_values", None)
+    return store, cache, out.logits, positions
 
 
 def _context(arch: ArchAdapter, cache, mask, positions):
@@ -137,17 +149,25 @@ def _check(arch: ArchAdapter, batch: int, length: int, pad: int) -> float:
     for i in range(arch.num_layers):
         block = DiffusionBlock(arch, i, config, DeltaSwitch()).to(ids.device)
         try:
-            attn_in, attn_out = store["attention", i]
-            errors.append(_compare(arch, "attention output", i, block.attention(arch, attn_in, ctx), attn_out, keep))
-            mlp_in, mlp_out = store["MLP", i]
-            got = block.mlp_deltas(arch.mlp(i), mlp_in.to(ctx.dtype))
-            errors.append(_compare(arch, "MLP output", i, got, mlp_out, keep))
             layer_in, layer_out = store["layer", i]
             got = block(arch, layer_in.float(), None, ctx, modulation=neutral)
-            errors.append(_compare(arch, "layer output (norms and residuals)", i, got, layer_out, keep))
+            try:
+                errors.append(_compare(arch, "layer output (norms and residuals)", i, got, layer_out, keep))
+            except ArchRefused:
+                _diagnose(arch, block, i, store, ctx, keep)  # name the piece when it is one
+                raise
         finally:
             block.remove_hooks()
     head = arch.model.get_output_embeddings()
-    rebuilt = arch.logits_postprocess(head(arch.final_norm(store["h"])).float())
-    errors.append(_compare(arch, "logits (final norm and head)", None, rebuilt, logits, keep))
+    rows = logits.shape[1]  # the last position only, when the forward kept only its logits
+    rebuilt = arch.logits_postprocess(head(arch.final_norm(store["h"][:, -rows:])).float())
+    errors.append(_compare(arch, "logits (final norm and head)", None, rebuilt, logits, keep[:, -rows:]))
     return max(errors)
+
+
+def _diagnose(arch: ArchAdapter, block, i: int, store, ctx, keep) -> None:
+    """Raise for the attention or the MLP of layer ``i`` if either alone does not match."""
+    attn_in, attn_out = store["attention", i]
+    _compare(arch, "attention output", i, block.attention(arch, attn_in, ctx), attn_out, keep)
+    mlp_in, mlp_out = store["MLP", i]
+    _compare(arch, "MLP output", i, block.mlp_deltas(arch.mlp(i), mlp_in.to(ctx.dtype)), mlp_out, keep)
