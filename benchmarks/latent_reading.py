@@ -53,6 +53,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1).")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate.")
     p.add_argument("--t", type=float, nargs="+", default=[0.99, 0.9, 0.5], help="probe times.")
+    p.add_argument("--train-t", type=float, default=None,
+                   help="train at this one t instead of the schedule (a diagnostic).")
     p.add_argument("--threads", type=int, default=2, help="torch threads.")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,7 +63,8 @@ def main(argv=None):
     for seed in range(args.seeds):
         config = (L2DConfig.paper(**overrides) if args.preset == "paper" else L2DConfig(**overrides))
         start = time.perf_counter()
-        losses = probe_latent_reading(config, steps=args.steps, seed=seed, lr=args.lr, probe_t=args.t)
+        losses = probe_latent_reading(config, steps=args.steps, seed=seed, lr=args.lr, probe_t=args.t,
+                                      train_t=args.train_t)
         rows.append(losses)
         print(f"seed {seed}: " + "  ".join(f"t={t:g} {losses[t]:.3f}" for t in args.t)
               + f"  ({time.perf_counter() - start:.1f} s)", flush=True)

@@ -22,11 +22,28 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .latent import OPEN_GATE_T0
 from .model import L2DModel, positions_from_mask
 from .solvers import (ADAPTIVE_SOLVERS, FIXED_SOLVERS, StopIntegration, check_solver,
                       integrate_adaptive, integrate_fixed)
 
 ESTIMATES = ("argmax", "sample", "expected")
+
+# How a token is decoded, as ``generate`` keyword arguments (``generate(ids, steps=7, **DECODING_PROTOCOLS["paper"])``).
+# greedy: the expected latent drives the ODE and the final logits' argmax is the token.
+# paper: the reference's protocol: the argmax token's latent drives the ODE, the midpoint solver
+#   (7 steps on linspace(0, 1, 8) = 15 NFE with the read-out), the token *sampled* at temperature 1.
+DECODING_PROTOCOLS = {
+    "greedy": {"estimate": "expected", "do_sample": False},
+    "paper": {"estimate": "argmax", "solver": "midpoint", "do_sample": True, "temperature": 1.0},
+}
+
+
+def decoding_protocol(name: str) -> dict:
+    """The ``generate`` keyword arguments of a named decoding protocol (a fresh dict)."""
+    if name not in DECODING_PROTOCOLS:
+        raise ValueError(f"unknown decoding protocol {name!r}; choose one of {', '.join(DECODING_PROTOCOLS)}.")
+    return dict(DECODING_PROTOCOLS[name])
 
 
 @dataclass
@@ -41,7 +58,6 @@ class L2DGenerateOutput:
         return sum(self.nfe) / max(1, len(self.nfe))
 
 
-OPEN_GATE_T0 = 1e-3  # where the field of an open-gate path is evaluated for t = 0 (see TokenField)
 
 
 @dataclass
@@ -56,11 +72,14 @@ class EarlyStop:
 class TokenField:
     """The velocity of one token's latent, ``v(t, x) = (x1_hat - x) / (1 - t)``.
 
-    ``x1_hat`` is the latent of the argmax token, of a sampled token, or the expected latent
-    ``softmax(logits) @ Z``. Each evaluation feeds the previous one's expected latent as
+    ``x1_hat`` is the latent of the argmax token, of a token sampled at the estimate's temperature
+    ``tau`` (a number, or ``"1-t"`` as the reference uses for code), or the expected latent
+    ``softmax(logits / tau) @ Z``. Each evaluation feeds the previous one's expected latent as
     ``z_hat`` (self-conditioning; zeros for an adapter trained with ``self_conditioning=0``,
     which never saw anything else there). With guidance the conditional and unconditional passes run
-    as one batch and ``v = w v_cond + (1 - w) v_uncond``. The denominator is floored at
+    as one batch and the *velocities* mix, ``v = w v_cond + (1 - w) v_uncond`` (DESIGN.md, as the
+    paper); the logits kept for the read-out and early stopping are the conditional ones. The
+    state and the velocity are float64 whatever the model's dtype. The denominator is floored at
     ``min_gap``: adaptive solvers evaluate slightly beyond ``t = 1``.
 
     With ``merge_init="open"`` the gate jumps from 0 at ``t = 0`` (the base, by construction) to
@@ -73,7 +92,7 @@ class TokenField:
     """
 
     def __init__(self, model: L2DModel, ctx, h_main, class_labels, latent_table, estimate: str,
-                 guidance_scale, temperature: float, generator, max_nfe, early_stop: EarlyStop | None,
+                 guidance_scale, temperature, generator, max_nfe, early_stop: EarlyStop | None,
                  min_gap: float = 1e-3, cond_cache: "TimeConditioning | None" = None, h_start=None):
         self.model, self.ctx, self.h_main, self.cls = model, ctx, h_main, class_labels
         self.Z = latent_table
@@ -82,7 +101,8 @@ class TokenField:
         self.max_nfe, self.early_stop, self.min_gap = max_nfe, early_stop, min_gap
         self.t_floor = OPEN_GATE_T0 if model.config.merge_init == "open" else 0.0
         self.nfe = 0
-        self.logits = None
+        self.logits = None      # conditional logits of the last evaluation [B, 1, V]
+        self._all_logits = None  # with guidance: conditional and unconditional halves [2B, 1, V]
         self.z_hat = None
         self._streak, self._last_argmax = 0, None
         self._h_start = h_start
@@ -94,13 +114,14 @@ class TokenField:
             self._h_start = None if h_start is None else h_start.repeat(2, 1, 1)
         self.cond = cond_cache if cond_cache is not None else TimeConditioning(model, self._cls)
         # With the expected latent at temperature 1, x1_hat is the self-conditioning estimate itself.
-        self._x1_is_z_hat = estimate == "expected" and temperature == 1.0
+        self._x1_is_z_hat = estimate == "expected" and temperature == 1.0 and guidance_scale is None
 
     def _hidden(self, t: float, x: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         """The path's merged hidden state at ``(t, x)``, with the ``t``-only parts from the cache."""
         cond = self.cond.get(t, x.shape[0] * (1 if self.w is None else 2), x.device)
         if self.w is not None:
-            x, z_hat = x.repeat(2, 1, 1), z_hat.repeat(2, 1, 1)
+            x = x.repeat(2, 1, 1)
+            z_hat = z_hat if z_hat.shape[0] == x.shape[0] else z_hat.repeat(2, 1, 1)
         return self.model.path(self.model.arch, self.ctx, self._h_main, x, None, z_hat, None,
                                h_start=self._h_start, cond=cond)
 
@@ -110,26 +131,26 @@ class TokenField:
         # An adapter trained without the self-conditioning pass never saw a non-zero z_hat: it gets
         # zeros, as in training (self.z_hat still serves as the expected-latent estimate of x1).
         fed = self.z_hat is not None and self.model.config.self_conditioning > 0
-        z_hat = self.z_hat if fed else torch.zeros_like(x)
-        logits = self.model.head_logits(self._hidden(min(max(t, self.t_floor), 1.0), x, z_hat))
-        if self.w is not None:
-            cond, uncond = logits.chunk(2)
-            logits = self.w * cond + (1 - self.w) * uncond
+        z_hat = self.z_hat if fed else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        logits = self.model.head_logits(self._hidden(min(max(t, self.t_floor), 1.0), x.float(), z_hat))
         self.nfe += 1
-        self.logits = logits
-        if need_z_hat:
+        self._all_logits = logits
+        self.logits = logits if self.w is None else logits[: logits.shape[0] // 2]
+        if need_z_hat:  # each half (cond, uncond) feeds its own previous estimate
             self.z_hat = torch.softmax(logits, -1) @ self.Z
-        return logits
+        return self.logits
 
-    def x1_hat(self, logits: torch.Tensor) -> torch.Tensor:
+    def x1_hat(self, logits: torch.Tensor, t: float) -> torch.Tensor:
+        """The clean-latent estimate from logits [R, 1, V] at time ``t``."""
+        if self.estimate == "argmax":
+            return self.Z[logits.argmax(-1)]
+        tau = self.temperature if self.temperature != "1-t" else max(1.0 - t, 1e-3)
         if self.estimate == "expected":
-            return torch.softmax(logits / self.temperature, -1) @ self.Z
-        if self.estimate == "sample":
-            probs = torch.softmax(logits[:, 0] / self.temperature, -1)
-            tok = _multinomial(probs, self.generator)
-        else:
-            tok = logits.argmax(-1)
-        return self.Z[tok]
+            return torch.softmax(logits / tau, -1) @ self.Z
+        rngs = self.generator
+        if isinstance(rngs, list) and logits.shape[0] != len(rngs):  # guidance: both halves, same streams
+            rngs = rngs * (logits.shape[0] // len(rngs))
+        return self.Z[_multinomial(torch.softmax(logits[:, 0] / tau, -1), rngs)]
 
     def __call__(self, t: float, x: torch.Tensor) -> torch.Tensor:
         if self.max_nfe is not None and self.nfe >= self.max_nfe:
@@ -137,8 +158,13 @@ class TokenField:
         logits = self.evaluate(t, x)
         if self.early_stop is not None and self._settled(logits):
             raise StopIntegration("settled")
-        x1 = self.z_hat if self._x1_is_z_hat else self.x1_hat(logits)
-        return (x1.to(x.dtype) - x) / max(1.0 - t, self.min_gap)
+        gap = max(1.0 - t, self.min_gap)
+        if self.w is None:
+            x1 = self.z_hat if self._x1_is_z_hat else self.x1_hat(logits, t)
+            return (x1.to(x.dtype) - x) / gap
+        v = (self.x1_hat(self._all_logits, t).to(x.dtype) - x.repeat(2, 1, 1)) / gap
+        v_cond, v_uncond = v.chunk(2)
+        return self.w * v_cond + (1 - self.w) * v_uncond
 
     def _settled(self, logits) -> bool:
         probs = torch.softmax(logits.float(), -1)
@@ -179,10 +205,14 @@ class TimeConditioning:
 
 
 def _check_inputs(model: L2DModel, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol,
-                  max_nfe, estimate, guidance_scale, class_label, temperature, top_k, top_p, readout):
+                  max_nfe, estimate, guidance_scale, class_label, temperature, top_k, top_p, readout,
+                  estimate_temperature=None):
     check_solver(solver, steps, rtol, atol, max_nfe)
     if estimate not in ESTIMATES:
         raise ValueError(f"unknown estimate {estimate!r}; choose one of {ESTIMATES}.")
+    if estimate_temperature is not None and estimate_temperature != "1-t" and not (
+            isinstance(estimate_temperature, (int, float)) and estimate_temperature > 0):
+        raise ValueError(f"estimate_temperature must be a positive number or '1-t', got {estimate_temperature!r}.")
     if readout not in ("final", "last"):
         raise ValueError(f"readout must be 'final' or 'last', got {readout!r}.")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -271,8 +301,8 @@ def _eos_set(model, eos_token_id):
 def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 64, steps: int | None = 0, solver: str = "euler", grid: str = "uniform",
              rtol: float = 1e-3, atol: float = 1e-3, max_nfe: int | None = None,
-             estimate: str = "expected", readout: str = "final", early_stop: EarlyStop | None = None,
-             class_label=None, guidance_scale: float | None = None,
+             estimate: str = "expected", estimate_temperature=None, readout: str = "final",
+             early_stop: EarlyStop | None = None, class_label=None, guidance_scale: float | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
              eos_token_id=None, pad_token_id: int | None = None, stop_strings=None, tokenizer=None,
@@ -285,6 +315,8 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         grid: fixed-grid spacing, ``uniform`` or ``cosmap``.
         rtol, atol, max_nfe: adaptive tolerances and the evaluation cap per token (also caps fixed grids).
         estimate: the velocity's clean-latent estimate, ``argmax``, ``sample`` or ``expected``.
+        estimate_temperature: the estimate's own temperature for ``sample``/``expected`` (a number, or
+            ``"1-t"``, the reference's choice for code); None: ``temperature``.
         readout: ``final`` (one evaluation at t=1 on the integrated latent) or ``last``.
         early_stop: an :class:`EarlyStop` to end a token's solve once its prediction settles.
         class_label, guidance_scale: class conditioning and classifier-free guidance weight ``w``.
@@ -298,7 +330,7 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol, max_nfe,
-                  estimate, guidance_scale, class_label, temperature, top_k, top_p, readout)
+                  estimate, guidance_scale, class_label, temperature, top_k, top_p, readout, estimate_temperature)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need tokenizer= to decode the generated text.")
     B = input_ids.shape[0]
@@ -329,7 +361,8 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         h_last = main.hidden[:, -1:]
         if use_path:
             logits, nfe = _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol,
-                                       max_nfe, estimate, readout, early_stop, guidance_scale, temperature, rngs,
+                                       max_nfe, estimate, readout, early_stop, guidance_scale,
+                                       temperature if estimate_temperature is None else estimate_temperature, rngs,
                                        cond_cache, kv, context)
         else:
             logits, nfe = model.head_logits(h_last), 0
@@ -384,7 +417,7 @@ def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rt
     h_start = None if main.stream_input is None else main.stream_input[:, -1:]
     fld = TokenField(model, ctx, h_last, cls, latent_table, estimate, guidance_scale, temperature, rngs,
                      max_nfe, early_stop, cond_cache=cond_cache, h_start=h_start)
-    x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device)
+    x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device).double()
     stopped = None
     try:
         if solver in FIXED_SOLVERS:
@@ -401,4 +434,5 @@ def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rt
     return fld.logits, fld.nfe
 
 
-__all__ = ["generate", "L2DGenerateOutput", "EarlyStop", "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "ESTIMATES"]
+__all__ = ["generate", "L2DGenerateOutput", "EarlyStop", "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "ESTIMATES",
+           "DECODING_PROTOCOLS", "decoding_protocol"]

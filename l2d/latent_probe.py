@@ -34,9 +34,10 @@ def _random_batch(generator, batch: int, length: int):
 
 def probe_latent_reading(config: L2DConfig, steps: int = 300, seed: int = 0, lr: float = 2e-3,
                          batch: int = 8, length: int = 16, probe_t=(0.99, 0.9, 0.5),
-                         probe_batches: int = 4) -> dict:
+                         probe_batches: int = 4, train_t: float | None = None) -> dict:
     """Train the path of ``config`` on random tokens (AdamW, ``lr``, ``steps`` of ``batch x length``)
-    and return ``{t: mean cross-entropy}`` at each probe time, on fresh sequences."""
+    and return ``{t: mean cross-entropy}`` at each probe time, on fresh sequences. ``train_t``
+    trains at that one time instead of the config's schedule (a diagnostic)."""
     from .model import get_l2d_model
 
     base = tiny_probe_base(seed)
@@ -48,7 +49,7 @@ def probe_latent_reading(config: L2DConfig, steps: int = 300, seed: int = 0, lr:
     model.train()
     for _ in range(steps):
         ids, labels = _random_batch(data, batch, length)
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(input_ids=ids, labels=labels, t=train_t).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -24,6 +24,7 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, L2DConfig
 from .device_map import is_dispatched, place_blocks
 from .latent import add_noise, loss_weights, sample_timesteps
 from .path import DiffusionPath, StreamContext
+from .trajectory import draw_trajectory, solver_state
 
 IGNORE_INDEX = -100
 
@@ -333,7 +334,7 @@ class L2DModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, class_labels=None, t=None,
                 noise=None, position_ids=None, output_logits: bool | None = None,
                 self_conditioning: bool | None = None, reduction: str = "mean", num_items_in_batch=None,
-                **_) -> L2DOutput:
+                trajectory: bool | None = None, **_) -> L2DOutput:
         """Teacher-forced forward: position ``i`` predicts token ``i+1`` from its noisy latent.
 
         With ``labels`` the path runs only at supervised positions (diffusion positions never see
@@ -348,6 +349,9 @@ class L2DModel(nn.Module):
             noise: optional ``eps`` [B, T, d] (for reproducible tests).
             self_conditioning: force the self-conditioning pass on/off (default: with probability
                 ``config.self_conditioning`` in training, off in eval).
+            trajectory: force training on the solver's own trajectory on/off (default: with
+                probability ``config.trajectory_training`` in training, off in eval); the loss is
+                then taken where ``k`` Euler steps from noise reach (``l2d/trajectory.py``).
             reduction: ``mean`` over supervised tokens, ``sum`` (for exact gradient accumulation),
                 or ``none`` (one loss per supervised token, in packed order).
             num_items_in_batch: supervised tokens of the whole accumulated batch (transformers'
@@ -419,6 +423,11 @@ class L2DModel(nn.Module):
         z_hat = torch.zeros_like(x_t)
         use_sc = self_conditioning if self_conditioning is not None else (
             self.training and torch.rand(()) < self.config.self_conditioning)
+        if trajectory if trajectory is not None else (
+                self.training and torch.rand(()) < self.config.trajectory_training):
+            # train where the solver's own trajectory is (l2d/trajectory.py); z_hat is its last estimate
+            x_t, t_rows, z_hat = self._solver_state(ctx, h_main, h_start, cls, x_t)
+            use_sc = False
         if use_sc:
             with torch.no_grad():
                 h_first = self.path(self.arch, ctx, h_main, x_t, t_rows, z_hat, cls, h_start=h_start)
@@ -442,6 +451,22 @@ class L2DModel(nn.Module):
                                          "and the inputs (fp16 overflow?).")
         logits = self.head_logits(h) if all_positions and (labels is None or output_logits) else None
         return L2DOutput(loss=loss, logits=logits, num_tokens=num_tokens, t=t_q)
+
+    def _solver_state(self, ctx, h_main, h_start, cls, like: torch.Tensor):
+        """``(x_t, t, z_hat)`` after ``k`` of ``N`` no-grad Euler steps from noise (l2d/trajectory.py)."""
+        n, k = draw_trajectory(self.config.trajectory_steps)
+        with torch.no_grad():
+            Z = self.latent_table().float()
+
+        def evaluate(t, x, z_hat):
+            tt = torch.full(x.shape[:-1], t, device=x.device)
+            h = self.path(self.arch, ctx, h_main, x, tt, z_hat, cls, h_start=h_start)
+            return self.expected_latent(h, Z)
+
+        x0 = self.config.sigma * torch.randn(like.shape, device=like.device)
+        x, t, z_hat = solver_state(evaluate, x0, n, k, self.config.merge_init == "open",
+                                   self.config.self_conditioning > 0)
+        return x.to(like.dtype), torch.full(like.shape[:-1], t, device=like.device), z_hat.to(like.dtype)
 
     def _timesteps(self, t, B: int, T: int, query_index: torch.Tensor) -> torch.Tensor:
         if t is None:

@@ -58,7 +58,7 @@ def _one_token_field(model):
     main = model.run_main_path(ids)
     ctx = model.stream_context(main, torch.tensor([[5]]))
     Z = model.latent_table().float()
-    x0 = model.config.sigma * torch.randn(1, 1, Z.shape[-1], generator=torch.Generator().manual_seed(0))
+    x0 = model.config.sigma * torch.randn(1, 1, Z.shape[-1], generator=torch.Generator().manual_seed(0)).double()
 
     def new_field():
         return TokenField(model, ctx, main.hidden[:, -1:], model.class_tensor(None, 1), Z, "expected",
@@ -118,7 +118,31 @@ def test_guidance_scale_one_equals_unguided_and_other_scales_differ():
     kw = dict(max_new_tokens=5, steps=4, seed=0, class_label="math", eos_token_id=[])
     plain = model.generate(ids, mask, **kw)
     assert torch.equal(model.generate(ids, mask, guidance_scale=1.0, **kw), plain)
-    assert not torch.equal(model.generate(ids, mask, guidance_scale=4.0, **kw), plain)
+
+
+def test_guidance_mixes_velocities_as_the_paper_does():
+    """v = w v_cond + (1 - w) v_uncond (DESIGN.md, "Guidance"), each from its own pass, the null
+    class for the unconditional one; the read-out logits are the conditional pass's."""
+    model = _model()
+    ids, _ = batch(B=1, T=6)
+    main = model.run_main_path(ids)
+    ctx = model.stream_context(main, torch.tensor([[5]]))
+    Z = model.latent_table().float()
+    x = model.config.sigma * 0.3 * torch.randn(1, 1, Z.shape[-1], generator=torch.Generator().manual_seed(0))
+    math_cls, null_cls = model.class_tensor("math", 1), model.class_tensor(None, 1)
+
+    def field(cls, w=None):
+        return TokenField(model, ctx, main.hidden[:, -1:], cls, Z, "expected", w, 1.0, None, None, None)
+
+    with torch.no_grad():
+        v_cond, v_uncond = field(math_cls)(0.6, x.double()), field(null_cls)(0.6, x.double())
+        guided = field(math_cls, 4.0)
+        v = guided(0.6, x.double())
+        cond_logits = field(math_cls)
+        cond_logits(0.6, x.double())
+    torch.testing.assert_close(v, 4.0 * v_cond - 3.0 * v_uncond, atol=1e-4, rtol=1e-5)
+    assert (v - v_cond).abs().max() > 1e-3
+    torch.testing.assert_close(guided.logits, cond_logits.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_early_stop_never_spends_more_than_the_fixed_budget():
@@ -260,3 +284,25 @@ def test_z_hat_is_fed_only_to_adapters_trained_with_self_conditioning(p):
         assert torch.equal(again, fresh)
     else:
         assert (again - fresh).abs().max() > 1e-4
+
+
+def test_the_paper_protocol_is_reproducible_and_its_estimate_temperature_an_option():
+    """DECODING_PROTOCOLS["paper"]: the argmax token's latent drives the ODE, midpoint, the token
+    sampled at temperature 1; a seed makes it reproducible; "1-t" is the reference's estimate
+    temperature for code."""
+    from l2d.generation import decoding_protocol
+
+    paper = decoding_protocol("paper")
+    assert paper == {"estimate": "argmax", "solver": "midpoint", "do_sample": True, "temperature": 1.0}
+    model = _model()
+    ids, mask = _left_padded()
+    kw = dict(max_new_tokens=4, steps=7, seed=3, eos_token_id=[], return_dict_in_generate=True)
+    a = model.generate(ids, mask, **paper, **kw)
+    b = model.generate(ids, mask, **paper, **kw)
+    assert torch.equal(a.sequences, b.sequences) and a.nfe == [15] * 4  # 7 midpoint steps + read-out
+    code = model.generate(ids, mask, **{**paper, "estimate": "sample"}, estimate_temperature="1-t", **kw)
+    assert code.sequences.shape == a.sequences.shape
+    with pytest.raises(ValueError, match="estimate_temperature"):
+        model.generate(ids, mask, estimate="sample", estimate_temperature=-1.0, steps=2)
+    with pytest.raises(ValueError, match="decoding protocol"):
+        decoding_protocol("beam")
