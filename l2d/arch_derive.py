@@ -67,6 +67,9 @@ def derive_spec(model: nn.Module) -> ArchSpec:
             return spec
         except ArchRefused as e:
             errors.append(e)
+        except Exception as e:  # noqa: BLE001 - a rebuild that cannot even run is a refusal too
+            errors.append(refusal(getattr(model.config, "model_type", None), f"the rebuilt layer failed to run "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]})"))
     raise errors[0]
 
 
