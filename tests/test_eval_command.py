@@ -40,6 +40,23 @@ def test_l2d_eval_cli_writes_table_json_and_plot(saved, capsys):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_l2d_eval_paper_protocol_samples_with_the_midpoint_solver(saved, capsys):
+    """--protocol paper: the midpoint solver by default (2 NFE a step + the read-out), sampled tokens
+    (reproducible under --seed), the protocol named in the table and the JSON rows."""
+    out_json = saved / "paper.json"
+    argv = ["eval", str(saved / "adapter"), "--base", str(saved / "base"), "--task", "gsm8k", "--data",
+            str(saved / "gsm8k.jsonl"), "--num-shots", "0", "--steps", "3", "--n", "3", "--max-new-tokens", "4",
+            "--protocol", "paper", "--json", str(out_json), "--no-progress"]
+    assert main(argv) == 0
+    assert "paper" in capsys.readouterr().out
+    first = json.loads(out_json.read_text())["rows"][0]
+    assert first["protocol"] == "paper" and first["solver"] == "midpoint"
+    assert first["nfe_per_token"] == pytest.approx(7)
+    assert main(argv) == 0
+    again = json.loads(out_json.read_text())["rows"][0]
+    assert [c["completions"] for c in again["completions"]] == [c["completions"] for c in first["completions"]]
+
+
 def test_base_only_rejects_steps(saved, capsys):
     code = main(["eval", "base", "--base", str(saved / "base"), "--task", "gsm8k", "--data",
                  str(saved / "gsm8k.jsonl"), "--steps", "0,4", "--no-progress"])

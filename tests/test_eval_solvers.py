@@ -54,7 +54,7 @@ def test_adaptive_solver_row_reports_nfe_per_token_under_the_cap(saved, solver, 
 def test_early_stop_cuts_evaluations_per_token(saved):
     full = _eval(saved, "--steps", "16")[0]["nfe_per_token"]
     stopped = _eval(saved, "--steps", "16", "--early-stop", "0.001", "--early-stop-patience", "2")[0]["nfe_per_token"]
-    assert full == pytest.approx(17) and stopped < 8
+    assert full == pytest.approx(17) and stopped < 0.6 * full
 
 
 def test_bad_solver_names_the_closest(saved, capsys):

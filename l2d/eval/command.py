@@ -173,6 +173,8 @@ def run_eval(args) -> int:
     from .tasks import get_task
 
     check_task(args.task)
+    if args.solver is None:  # the protocol's solver
+        args.solver = "midpoint" if args.protocol == "paper" else "euler"
     check_solver_args(args)
     kind = adapter_kind(args.adapter)
     if kind == "mdm" and any(s < 1 for s in args.steps):
@@ -188,6 +190,7 @@ def run_eval(args) -> int:
     rows = evaluate(model, tok, task, steps, n=args.n, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, solver=args.solver, samples=args.samples,
                     temperature=args.temperature, seed=args.seed, prompt_format=args.prompt_format,
+                    protocol=args.protocol,
                     method=method, keep_completions=bool(args.json), progress=not args.no_progress,
                     workers=args.workers, **gen_kw)
     # an adaptive row's steps read as its solver's name
@@ -221,8 +224,13 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--task-seed", type=int, help="seed of generated reasoning-gym problems (default: the held-out seed)")
     p.add_argument("--num-shots", type=int, help="few-shot examples in the prompt (gsm8k; default 8)")
     p.add_argument("--steps", type=_parse_steps, default=[0], help="comma-separated step counts, e.g. 0,2,4,8,16")
-    p.add_argument("--solver", default="euler",
-                   help="ODE solver: euler, midpoint, heun, rk4 (fixed grids), or dopri5, bosh3, adaptive_heun "
+    p.add_argument("--protocol", default="greedy", choices=("greedy", "paper"),
+                   help="decoding: greedy (argmax tokens, the expected latent drives the ODE) or paper (the "
+                        "reference's: the argmax token's latent drives a midpoint solve, 7 steps in the paper, "
+                        "and each token is sampled at temperature 1; base/LoRA models sampled at 1 too)")
+    p.add_argument("--solver", default=None,
+                   help="ODE solver (default: euler, or midpoint with --protocol paper): euler, midpoint, heun, "
+                        "rk4 (fixed grids), or dopri5, bosh3, adaptive_heun "
                         "(adaptive: each non-zero --steps entry becomes one row whose steps --rtol/--atol choose)")
     p.add_argument("--rtol", type=float, default=1e-3, help="adaptive solvers' relative tolerance (default 1e-3)")
     p.add_argument("--atol", type=float, default=1e-3, help="adaptive solvers' absolute tolerance (default 1e-3)")

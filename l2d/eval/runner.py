@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from ..generation import decoding_protocol
 from .code import STOP_SEQUENCES, truncate_at_stop
 from .metrics import accuracy, mean_pass_at_k, plot_steps
 from .tasks import Example, Task
@@ -174,8 +175,8 @@ def _default_stops(task: Task, fmt: str) -> list[str] | None:
 
 
 def evaluate(model, tokenizer, task: Task, steps_list: Sequence[int] = (0,), *, n: int | None = None,
-             batch_size: int = 16, max_new_tokens: int = 256, solver: str = "euler", samples: int = 1,
-             temperature: float = 0.8, seed: int = 0, prompt_format: str = "auto",
+             batch_size: int = 16, max_new_tokens: int = 256, solver: str | None = None, samples: int = 1,
+             temperature: float = 0.8, seed: int = 0, prompt_format: str = "auto", protocol: str = "greedy",
              stop_strings: Sequence[str] | None = None, method: str | None = None,
              keep_completions: bool = False, progress: bool = True, workers: int = 2,
              **generate_kwargs) -> list[dict]:
@@ -184,9 +185,14 @@ def evaluate(model, tokenizer, task: Task, steps_list: Sequence[int] = (0,), *, 
     Args:
         model: an L2DModel (any steps) or a plain transformers / peft model (steps 0 only).
         task: an :class:`~l2d.eval.tasks.Task`; its first ``n`` examples are used.
-        samples: completions per example. 1: greedy decoding, accuracy with a 95% Wilson
+        samples: completions per example. 1: one completion, accuracy with a 95% Wilson
             interval. More: sampling at ``temperature``, pass@1 (as ``accuracy``, the interval
             over all samples) plus pass@k for k in 1, 10, samples (those <= samples).
+        solver: the ODE solver (default: the protocol's, else euler).
+        protocol: ``greedy`` (argmax tokens; the expected latent drives the ODE) or ``paper``
+            (``l2d.generation.DECODING_PROTOCOLS``: the argmax token's latent drives a midpoint
+            solve and every token is sampled at temperature 1; a LoRA or base model is sampled
+            at temperature 1 too).
         prompt_format: ``chat`` (chat template), ``plain`` (few-shot text) or ``auto``.
         stop_strings: where a completion ends (default: none for chat, the next few-shot
             question or top-level statement for plain prompts).
@@ -208,7 +214,13 @@ def evaluate(model, tokenizer, task: Task, steps_list: Sequence[int] = (0,), *, 
     prompts = render_prompts(tokenizer, examples, fmt)
     stops = list(stop_strings) if stop_strings is not None else _default_stops(task, fmt)
     method = method or ("l2d" if _is_l2d(model) else "mdm" if _is_mdm(model) else "model")
-    do_sample = samples > 1
+    decoding = decoding_protocol(protocol)
+    solver = solver or decoding.pop("solver", "euler")
+    decoding.pop("solver", None)
+    do_sample = decoding.pop("do_sample", False) or samples > 1
+    temperature = decoding.pop("temperature", temperature)
+    if _is_l2d(model):  # the estimate that drives the ODE (explicit generate_kwargs win)
+        generate_kwargs = {**decoding, **generate_kwargs}
     rows = []
     for steps in steps_list:
         all_completions, outcomes = [], []  # outcomes[s][i]: sample s of example i passed
@@ -229,6 +241,7 @@ def evaluate(model, tokenizer, task: Task, steps_list: Sequence[int] = (0,), *, 
         flat = [o for per_sample in outcomes for o in per_sample]
         acc = accuracy(flat)
         row = {"method": method, "task": task.name, "steps": steps, "solver": solver if _is_l2d(model) else None,
+               "protocol": protocol,
                "n": len(examples), "samples": samples, "correct": acc.correct, "accuracy": acc.value,
                "low": acc.low, "high": acc.high,
                "nfe_per_token": nfe / tokens if tokens else 0.0,
@@ -254,7 +267,8 @@ def summary_rows(rows: Sequence[dict], extra: dict | None = None) -> list[dict]:
     """Rows for :func:`~l2d.eval.metrics.format_table`: percentages and rounded timings."""
     out = []
     for r in rows:
-        line = {"method": r["method"], "steps": r["steps"], "n": r["n"] * r.get("samples", 1),
+        line = {"method": r["method"], "protocol": r.get("protocol", "greedy"), "steps": r["steps"],
+                "n": r["n"] * r.get("samples", 1),
                 "accuracy %": round(100 * r["accuracy"], 1),
                 "95% CI": f"[{100 * r['low']:.1f}, {100 * r['high']:.1f}]"}
         for key in sorted(k for k in r if k.startswith("pass@")):
