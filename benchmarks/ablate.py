@@ -111,6 +111,16 @@ SETTINGS = {
     "onlora-main-open-head0-lr3e-4": ONLORA + OPEN_HEAD0 + ["train.lr=3e-4"],
     "onlora-main-open-head0-adapted": ONLORA + ADAPTED,
     "paper-ramp-head0.1": ["l2d.merge_init=ramp", "train.head_lr_scale=0.1"],
+    # the steps issue (21): the recipe's path with trainable conditioning heads (adaLN outputs x0.1,
+    # the new default) and the zero merge gate, so that the path can condition on t and read x_t;
+    # then training on the solver's own trajectories, and self-conditioning
+    "steps-heads": RECIPE_LP4 + ["train.head_lr_scale=1.0", "l2d.merge_init=zero", "train.encoder_lr_scale=1.0"],
+    "steps-heads-traj": RECIPE_LP4 + ["train.head_lr_scale=1.0", "l2d.merge_init=zero", "train.encoder_lr_scale=1.0",
+                                      "l2d.trajectory_training=0.5"],
+    "steps-heads-traj-sc": RECIPE_LP4 + ["train.head_lr_scale=1.0", "l2d.merge_init=zero",
+                                         "train.encoder_lr_scale=1.0", "l2d.trajectory_training=0.5",
+                                         "l2d.self_conditioning=0.5"],
+    "steps-open-traj": RECIPE_LP4 + ["l2d.trajectory_training=0.5"],
     "lora": ["method=lora"],
     "lora-lr2e-3": ["method=lora", "train.lr=2e-3"],
     "lora-loraplus4": ["method=lora", "train.loraplus_lr_ratio=4"],
@@ -176,9 +186,10 @@ def markdown_table(path: Path) -> str:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         latest[(r["setting"], r["train_steps"], r.get("seed"))] = r
-    steps = sorted({int(s) for r in latest.values() for s in r["val_accuracy"]})
+    keys = {str(s) for r in latest.values() for s in r["val_accuracy"]}
+    steps = sorted(keys, key=lambda s: (not s.isdigit(), s.split("@")[0], int(s.split("@")[-1])))
     times = [str(t) for t in LOSS_TIMES]
-    head = (["setting", "train steps", "train s"] + [f"acc @{s}" for s in steps]
+    head = (["setting", "train steps", "train s"] + [f"acc @{s}" if s.isdigit() else f"acc {s}" for s in steps]
             + [f"loss t={t}" for t in times])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in latest.values():
@@ -272,6 +283,8 @@ def main(argv=None) -> int:
                              "recipe's; the run folder gets a -seedN suffix")
     parser.add_argument("--estimate", default="expected", choices=("expected", "argmax", "sample"),
                         help="the velocity's clean-latent estimate when scoring L2D (generate's `estimate`)")
+    parser.add_argument("--protocols", default="greedy",
+                        help="comma-separated decoding protocols to score (greedy, paper: see l2d eval --protocol)")
     parser.add_argument("--no-loss", action="store_true",
                         help="skip the teacher-forced loss by t (the slow part of scoring)")
     parser.add_argument("--demo", default="runs/demo", help="the demo's folder (the LoRA the onlora-* runs stack on)")
@@ -329,10 +342,14 @@ def main(argv=None) -> int:
         if answer_only:
             PositionGate().attach(model)
         lora = name.startswith("lora")
-        rows = evaluate(model, tok, val_task, [0] if lora else steps_list, solver=args.solver, method=name,
-                        batch_size=64, max_new_tokens=16, seed=0, prompt_format="chat",
-                        **({} if lora else {"estimate": args.estimate}))
-        acc = {r["steps"]: round(100 * r["accuracy"], 1) for r in rows}
+        acc = {}
+        for protocol in args.protocols.split(","):
+            greedy = protocol == "greedy"
+            rows = evaluate(model, tok, val_task, [0] if lora else steps_list, method=name, protocol=protocol,
+                            solver=args.solver if greedy else None, batch_size=64, max_new_tokens=16, seed=0,
+                            prompt_format="chat", **({} if lora or not greedy else {"estimate": args.estimate}))
+            acc.update({(r["steps"] if greedy else f"{protocol}@{r['steps']}"): round(100 * r["accuracy"], 1)
+                        for r in rows})
         # (the answer-only LoRA's gate needs labels for a teacher-forced loss: none reported)
         val_loss = loss_by_t(model, tok, val_task, times=() if answer_only or args.no_loss
                              else (1.0,) if lora else LOSS_TIMES)
