@@ -3,25 +3,15 @@ import json
 
 import pytest
 
-from l2d import get_l2d_model
 from l2d.cli import main
-from tiny import randomize_path, tiny_base, tiny_config
-from tiny_tokenizer import VOCAB, tiny_tokenizer
+from eval_fixture import save_eval_folder
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_cli")
-    base = tiny_base(vocab_size=VOCAB, max_position_embeddings=512)
-    base.save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
-    model = get_l2d_model(base, tiny_config())
-    randomize_path(model)
-    model.save_pretrained(str(root / "adapter"))
     rows = [{"question": f"Tom has {a} apples and buys {b}. How many?", "answer": f"{a}+{b}\n#### {a + b}"}
             for a, b in [(1, 2), (3, 4), (5, 6)]]
-    (root / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return save_eval_folder(tmp_path_factory.mktemp("eval_cli"), rows)
 
 
 def test_l2d_eval_cli_writes_table_json_and_plot(saved, capsys):
