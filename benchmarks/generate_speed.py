@@ -123,8 +123,7 @@ def profile_eval(model, tok, batch: int, rows: int):
     main = model.run_main_path(ids, mask)
     h_last = main.hidden[:, -1:]
     # the t-only parts are shared by every token of a generate call: warm them as generate would
-    args = (model, main, h_last, cls, Z, 8, "euler", "uniform", 1e-3, 1e-3, None, "expected", "final",
-            None, None, 1.0, None, G.TimeConditioning(model, cls))
+    args = (model, main, h_last, cls, Z, G.SolverSettings(steps=8), None, G.ConditioningCache(model, cls))
     with torch.no_grad():
         G._solve_token(*args)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -2,15 +2,15 @@
 same base, SmolLM2-135M-Instruct on the CPU, interleaved repeats, one process.
 
     python benchmarks/train_step.py [--repeats 3] [--threads 2] [--batches 32x~40] [--checkpointing] [--adapted]
-                                    [--context-layers 15] [--stream-layers 8]
+                                    [--stream-layers 8]
 
 A step = forward + backward + AdamW step, the loss being response-only cross-entropy (summed, as
 `l2d train` computes it). L2D is timed with and without its self-conditioning pass (the default
 config runs it with probability 0.5, so the expected step is their mean). A second L2D model has
 its conditioning heads frozen, as the SmolLM2 recipe trains it (`train.head_lr_scale: 0.0`).
 `--adapted` adds one with `context="adapted"` (heads frozen): its deltas also run over every
-context position, a LoRA-like forward and backward of the base; `--context-layers K` one more
-whose deltas run in the context pass in the top K layers only (`L2DConfig.context_layers`).
+context position, a LoRA-like forward and backward of the base (`--context-layers K`, which
+adapted the top K layers only, measured the removed `context_layers` option: benchmarks/README.md).
 `--stream-layers K` adds the default config with the diffusion stream in the top K layers only
 (`L2DConfig.stream_layers`), and with `--adapted` the adapted one likewise.
 
@@ -101,9 +101,6 @@ def main():
                     help="add L2D (frozen heads) with gradient checkpointing of the blocks as a third model")
     ap.add_argument("--adapted", action="store_true",
                     help="add L2D with context='adapted' (frozen heads): the deltas also run over the context")
-    ap.add_argument("--context-layers", type=int, default=None, metavar="K",
-                    help="add L2D with context='adapted' (frozen heads) whose deltas run in the context pass "
-                         "in the top K decoder layers only")
     ap.add_argument("--stream-layers", type=int, default=None, metavar="K",
                     help="add the default L2D with its diffusion stream in the top K decoder layers only "
                          "(and, with --adapted, the adapted one likewise)")
@@ -143,9 +140,6 @@ def main():
         if k:
             models["l2d_adapted_stream"] = heads_frozen(context="adapted", stream_layers=k)
             labels.append((f"L2D, heads frozen, context adapted, stream in the top {k} layers", "l2d_adapted_stream"))
-    if args.context_layers:
-        models["l2d_top"] = heads_frozen(context="adapted", context_layers=args.context_layers)
-        labels.append((f"L2D, heads frozen, context adapted in the top {args.context_layers} layers", "l2d_top"))
     models["lora"] = lora
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
             for k, m in models.items()}

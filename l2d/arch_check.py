@@ -90,7 +90,7 @@ def _run(arch: ArchAdapter, ids, mask):
     forward's work)."""
     import inspect
 
-    from .model import positions_from_mask
+    from .main_path import positions_from_mask
 
     store, hooks = _record(arch)
     positions = positions_from_mask(mask)

@@ -12,12 +12,17 @@ SCHEDULES = ("cosmap", "uniform", "logit_normal")
 PATH_VARIANTS = ("lora", "full")
 STREAM_INITS = ("encoder", "main")
 MERGE_INITS = ("zero", "ramp", "open")
-ENCODER_INPUTS = ("scaled", "denoised")
 CONTEXTS = ("frozen", "adapted")
-LATENT_INITS = ("random", "centered", "pca")
-LOSS_WEIGHTINGS = ("none", "late", "early")
 DEFAULT_CLASSES = ("math", "code", "general", "other")
+IGNORE_INDEX = -100  # a label the loss skips (prompt tokens, padding), as in transformers
 WEIGHT_INITS = ("torch", "paper")
+
+# Options that measurements found useless, removed after l2d 0.1.0 (their rows and the commits that
+# measured them: benchmarks/README.md, "Removed options"). A saved config that holds one at the
+# value it had by default still loads; any other value is refused, naming the last version that ran it.
+REMOVED_OPTIONS = {"latent_init": "random", "loss_weighting": "none", "kv_rank": 0, "encoder_input": "scaled",
+                   "context_layers": None}
+LAST_VERSION_WITH_REMOVED_OPTIONS = "0.1.0"
 
 
 @dataclass
@@ -27,17 +32,6 @@ class L2DConfig:
     Args:
         latent_dim: Size ``d`` of the latent token space. Each token's latent is
             ``z(y) = sqrt(d) * phi(E[y]) / ||phi(E[y])||``.
-        latent_init: How the latent map ``phi`` (a ``d x H`` matrix, no bias) starts. ``random``
-            (default, the paper's): PyTorch's default init. Its latents share the projection of the
-            mean embedding ``mu``, which can dominate: on SmolLM2-135M two random tokens' latents have
-            cosine 0.46 on average, so about half of each latent's squared norm carries no token
-            identity. ``centered``: the same random rows with ``mu``'s direction projected out, so
-            ``phi(E_y) = phi(E_y - mu)`` (mean cosine 0). ``pca``: the top ``d`` principal directions
-            of the centred embedding table (eigenvectors of ``(E - mu)^T (E - mu)``), ``mu``'s direction
-            projected out as well; rows beyond the hidden size stay random (centred). Both keep the
-            random rows' norm, so ``phi``'s learning rate means the same. Applied when a path is
-            created (``get_l2d_model``), not when a saved one is loaded. On the SmolLM2 arithmetic
-            ablation ``pca`` changed nothing at 80 steps (benchmarks/README.md).
         latent_bias: Whether ``phi`` has a bias (False, the default; True: the reference's, zero at
             init), applied before the normalisation.
         sigma: Scale of the noise at ``t=0``: ``x_t = t z + (1 - t) sigma eps``.
@@ -68,20 +62,6 @@ class L2DConfig:
         class_dropout: Probability of replacing the class label by the null class in training.
         self_conditioning: Probability, per training step, of a first no-grad pass whose expected
             latent ``softmax(logits) @ Z`` feeds the second pass as ``z_hat``. 0 disables it.
-        loss_weighting: Weight ``w(t)`` of each supervised token's cross-entropy in training,
-            ``loss = sum_i w(t_i) CE_i / N``: ``none`` (default): 1; ``late``: ``2 t`` (tokens whose
-            latent is readable count more); ``early``: ``2 (1 - t)`` (the noisy tokens, what the first
-            solver step sees, count more). Both have mean 1 under the symmetric schedules (cosmap,
-            uniform, logit-normal with mean 0), so the loss keeps its scale and gradient accumulation
-            still normalises by the token count. In ``eval()`` mode the loss is the plain mean, so
-            validation losses compare across weightings. Neither moved the SmolLM2 arithmetic
-            ablation at 80 steps (benchmarks/README.md).
-        kv_rank: Rank of low-rank deltas on the keys and values the path reads (0, the default
-            and the paper's: the main path's cached K/V as they are). With ``r > 0`` layer ``l``'s
-            path attends to ``K + rot(dK x)`` and ``V + dV x``, ``x`` being what the main path's
-            attention module received at every position (its normalised input) and ``dK``, ``dV``
-            rank-``r`` maps that start at zero. The main path itself never changes (so ``t = 0``
-            stays the base); the path can read the context differently, as a LoRA on k/v would.
         encoder_hidden: Hidden width of the input encoder MLP (0 means the model's hidden size).
         encoder_z_hat: Whether the input encoder reads the self-conditioning estimate ``z_hat``
             beside ``x_t`` (True, the default: ``[x_t / s(t), z_hat]``, ``2 d`` inputs). False (the
@@ -117,12 +97,6 @@ class L2DConfig:
             against the gold token, so later evaluations learn to correct earlier ones
             (``l2d/trajectory.py``). 0 (default, the paper's) disables it.
         trajectory_steps: Largest grid ``N`` drawn for trajectory training (powers of two up to it).
-        encoder_input: What the input encoder reads of ``x_t`` (besides ``z_hat``). ``scaled`` (the
-            paper's): ``x_t / s(t)``, unit variance at every ``t`` whatever it carries, so at the many
-            ``t`` where ``x_t`` is nearly all noise the encoder passes that noise into the stream with
-            the same gain it learned for the readable ``t`` near 1. ``denoised``: ``t x_t / s(t)^2``,
-            the linear least-squares estimate of ``z`` from ``x_t`` (for unit-variance latent
-            coordinates), whose size follows the signal-to-noise ratio: 0 at ``t = 0``, ``z`` at ``t = 1``.
         context: Whose keys/values the path's queries read. ``frozen`` (default, the paper's): the
             main path's cache as it is, so the path changes only the positions it predicts and
             costs nothing at the others. ``adapted``: a second pass of the frozen layers over every
@@ -134,15 +108,6 @@ class L2DConfig:
             diffusion blocks, not this pass), and one more forward of the base per generated token
             (a second cache). Training skips the main pass when the merge returns the stream as it
             is (``merge_init="open"`` with the conditioning heads frozen).
-        context_layers: With ``context="adapted"``, how many of the top decoder layers run their
-            deltas in the context pass (``None``, the default: all). The layers below compute what
-            the main path does, and a layer's deltas change what the layers above it read, so with
-            ``k`` of ``L`` layers the keys/values of layers ``L-k+1 ... L-1`` are adapted and the
-            rest are the frozen ones. Nothing below layer ``L-k`` needs a gradient, so the context
-            pass's backward stops there (about half of it with half the layers). The diffusion
-            blocks keep their deltas in every layer either way. On the SmolLM2 arithmetic
-            ablation the top half alone lost the whole gain of the adapted context
-            (benchmarks/README.md): a research knob, not a default.
         stream_layers: How many of the top decoder layers the diffusion stream runs through
             (``None``, the default and the paper's: all, one block per layer). With ``k`` of ``L``
             layers the stream starts at layer ``L-k`` from what that layer receives at the query
@@ -152,9 +117,9 @@ class L2DConfig:
             context pass) already computed at that position, except for the latent. A training
             step and every solver evaluation in ``generate`` then cost about ``k / L`` of the
             full stream's. With ``context="adapted"`` the deltas of the layers below still act in
-            the context pass (``context_layers``), so the path keeps its adapter capacity and
-            only reads its latent in fewer layers. Needs ``stream_init="main"`` (the stream takes
-            up what the main path computed below) and ``kv_rank=0``. On the SmolLM2 arithmetic
+            the context pass, so the path keeps its adapter capacity and only reads its latent
+            in fewer layers. Needs ``stream_init="main"`` (the stream takes up what the main
+            path computed below). On the SmolLM2 arithmetic
             ablation (adapted context) the top 8 or 4 of 30 layers were as accurate as all 30 and
             made the training step about a LoRA step's (benchmarks/README.md); the SmolLM2 recipe
             uses 8. With the frozen context the lower layers lose their deltas too, and the top 8
@@ -164,7 +129,6 @@ class L2DConfig:
     """
 
     latent_dim: int = field(default=256, metadata={"help": "Size d of the latent token space."})
-    latent_init: str = field(default="random", metadata={"help": f"Latent map init: {LATENT_INITS}."})
     latent_bias: bool = field(default=False, metadata={"help": "Whether the latent map has a bias."})
     sigma: float = field(default=64.0, metadata={"help": "Noise scale at t=0."})
     schedule: str = field(default="cosmap", metadata={"help": f"Training timestep schedule: {SCHEDULES}."})
@@ -181,16 +145,11 @@ class L2DConfig:
     class_names: tuple = field(default=DEFAULT_CLASSES, metadata={"help": "Task categories."})
     class_dropout: float = field(default=0.2, metadata={"help": "Null-class probability in training."})
     self_conditioning: float = field(default=0.5, metadata={"help": "Self-conditioning probability."})
-    loss_weighting: str = field(default="none", metadata={"help": f"Training loss weight over t: {LOSS_WEIGHTINGS}."})
-    kv_rank: int = field(default=0, metadata={"help": "Rank of the key/value deltas (0: none)."})
     encoder_hidden: int = field(default=0, metadata={"help": "Input encoder width (0: hidden size)."})
     encoder_z_hat: bool = field(default=True, metadata={"help": "Whether the input encoder reads z_hat."})
     stream_init: str = field(default="encoder", metadata={"help": f"Diffusion stream start: {STREAM_INITS}."})
     merge_init: str = field(default="zero", metadata={"help": f"Merge gate at init: {MERGE_INITS}."})
-    encoder_input: str = field(default="scaled", metadata={"help": f"Encoder's view of x_t: {ENCODER_INPUTS}."})
     context: str = field(default="frozen", metadata={"help": f"Keys/values the path reads: {CONTEXTS}."})
-    context_layers: int | None = field(default=None, metadata={
-        "help": "adapted context: top layers whose deltas run in the context pass (None: all)."})
     stream_layers: int | None = field(default=None, metadata={
         "help": "top decoder layers the diffusion stream runs through (None: all)."})
     trajectory_training: float = field(default=0.0, metadata={
@@ -211,8 +170,6 @@ class L2DConfig:
         """Raise a ValueError naming the first field that is out of range."""
         checks = [
             (self.latent_dim > 0, "latent_dim must be a positive integer"),
-            (self.latent_init in LATENT_INITS,
-             f"latent_init must be one of {LATENT_INITS}, got {self.latent_init!r}"),
             (self.sigma > 0, "sigma must be positive"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.logit_normal_std > 0, "logit_normal_std must be positive"),
@@ -235,28 +192,17 @@ class L2DConfig:
             (self.trajectory_steps >= 1, "trajectory_steps must be a positive integer"),
             (self.adaln_scale > 0, "adaln_scale must be positive"),
             (self.class_init_std > 0, "class_init_std must be positive"),
-            (self.loss_weighting in LOSS_WEIGHTINGS,
-             f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}"),
             (self.encoder_hidden >= 0, "encoder_hidden must be >= 0"),
-            (self.kv_rank >= 0, "kv_rank must be >= 0"),
             (self.stream_init in STREAM_INITS,
              f"stream_init must be one of {STREAM_INITS}, got {self.stream_init!r}"),
             (self.merge_init in MERGE_INITS,
              f"merge_init must be one of {MERGE_INITS}, got {self.merge_init!r}"),
-            (self.encoder_input in ENCODER_INPUTS,
-             f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}"),
             (self.context in CONTEXTS, f"context must be one of {CONTEXTS}, got {self.context!r}"),
-            (not (self.context == "adapted" and self.kv_rank),
-             "kv_rank must be 0 with context='adapted' (the adapted pass already changes the keys/values)"),
-            (self.context_layers is None or (self.context == "adapted" and self.context_layers >= 1),
-             "context_layers needs context='adapted' and must be a positive number of layers (or None: all)"),
             (self.stream_layers is None or self.stream_layers >= 1,
              "stream_layers must be a positive number of layers (or None: all)"),
             (self.stream_layers is None or self.stream_init == "main",
              "stream_layers needs stream_init='main' (the stream takes up the main path's hidden state "
              "at its first layer)"),
-            (self.stream_layers is None or not self.kv_rank,
-             "stream_layers needs kv_rank=0 (the key/value deltas are defined for every layer)"),
             (len(set(self.class_names)) == len(self.class_names), "class_names must be unique"),
         ]
         for ok, message in checks:
@@ -290,6 +236,7 @@ class L2DConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "L2DConfig":
+        d = drop_removed_options(d, "L2DConfig")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -324,10 +271,21 @@ class L2DConfig:
         return cls.from_dict(payload), extra
 
 
+def drop_removed_options(d: dict, where: str) -> dict:
+    """``d`` without the :data:`REMOVED_OPTIONS` it holds at their old defaults; a ValueError for one
+    set to anything else (a config written for l2d 0.1.0 that used the option)."""
+    used = sorted(k for k in d if k in REMOVED_OPTIONS and d[k] != REMOVED_OPTIONS[k])
+    if used:
+        raise ValueError(f"{where}: {', '.join(f'{k}={d[k]!r}' for k in used)}: this option was removed after "
+                         f"l2d {LAST_VERSION_WITH_REMOVED_OPTIONS} (measured useless, see benchmarks/README.md, "
+                         f"\"Removed options\"); load this adapter with l2d {LAST_VERSION_WITH_REMOVED_OPTIONS}, "
+                         "or drop the option.")
+    return {k: v for k, v in d.items() if k not in REMOVED_OPTIONS}
+
+
 # L2DConfig.paper(): the reference's released lad_lora configuration, every field spelled out.
 PAPER_SETTINGS = dict(
     latent_dim=256,            # flow_representation_dim
-    latent_init="random",
     latent_bias=True,          # flow_representation_num_layers = 1: one Linear(H, 256) with a bias
     sigma=64.0,                # noise_rescaling
     schedule="uniform",        # noise_schedule = identity
@@ -347,15 +305,11 @@ PAPER_SETTINGS = dict(
     self_conditioning=0.0,
     trajectory_training=0.0,   # the reference trains on noised gold latents only
     trajectory_steps=16,
-    loss_weighting="none",
-    kv_rank=0,
     encoder_hidden=256,        # flow_to_lm_hidden_size, flow_to_lm_translation_depth = 2
     encoder_z_hat=False,
     stream_init="encoder",
     merge_init="zero",         # preserve_behavior_at_flow_start: m(c_t) - m(c_0)
-    encoder_input="scaled",    # flow_to_lm_timestep_rescaling = 1.0
     context="frozen",
-    context_layers=None,
     stream_layers=None,
     adaln_scale=1.0,
 )

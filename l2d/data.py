@@ -21,10 +21,11 @@ from typing import Any, Sequence
 
 import datasets
 
+from .config import DEFAULT_CLASSES, IGNORE_INDEX  # noqa: F401  (IGNORE_INDEX: part of this module's API)
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-CATEGORIES: tuple[str, ...] = ("math", "code", "general", "other")
+CATEGORIES: tuple[str, ...] = DEFAULT_CLASSES
 
 # Source name (lower-case substring) -> category; first match wins, so specific names come first.
 SOURCE_CATEGORIES: tuple[tuple[str, str], ...] = (

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .latent import OPEN_GATE_T0
-from .model import L2DModel, positions_from_mask
+from .main_path import positions_from_mask
 from .solvers import (ADAPTIVE_SOLVERS, FIXED_SOLVERS, StopIntegration, check_solver,
                       integrate_adaptive, integrate_fixed)
+
+if TYPE_CHECKING:  # the model drives nothing here: the token loop drives the model through its methods
+    from .model import L2DModel
 
 ESTIMATES = ("argmax", "sample", "expected")
 
@@ -58,8 +62,6 @@ class L2DGenerateOutput:
         return sum(self.nfe) / max(1, len(self.nfe))
 
 
-
-
 @dataclass
 class EarlyStop:
     """Stop integrating a token once its prediction has settled: the argmax unchanged over
@@ -67,6 +69,23 @@ class EarlyStop:
 
     threshold: float = 0.9
     patience: int = 2
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How each token's latent is integrated: ``generate``'s solver arguments (see its docstring)."""
+
+    steps: int | None = 0
+    solver: str = "euler"
+    grid: str = "uniform"
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_nfe: int | None = None
+    estimate: str = "expected"
+    estimate_temperature: float | str = 1.0  # the estimate's temperature (a number or "1-t")
+    readout: str = "final"
+    early_stop: EarlyStop | None = None
+    guidance_scale: float | None = None
 
 
 class TokenField:
@@ -87,14 +106,15 @@ class TokenField:
     limit: evaluated at 0 itself, every trajectory's first step would head for the base's guess,
     and with one step the read-out at ``t = 1`` would find that guess as its clean latent.
 
-    ``cond_cache``: a :class:`TimeConditioning` shared by the tokens of one ``generate`` call
-    (what depends on ``t`` alone is computed once per distinct ``t``); a fresh one by default.
+    ``ctx``: the stream's context for the ``B`` rows (doubled here for guidance). ``cond_cache``: a
+    :class:`ConditioningCache` shared by the tokens of one ``generate`` call (what depends on ``t``
+    alone is computed once per distinct ``t``); a fresh one by default.
     """
 
-    def __init__(self, model: L2DModel, ctx, h_main, class_labels, latent_table, estimate: str,
+    def __init__(self, model: "L2DModel", ctx, h_main, class_labels, latent_table, estimate: str,
                  guidance_scale, temperature, generator, max_nfe, early_stop: EarlyStop | None,
-                 min_gap: float = 1e-3, cond_cache: "TimeConditioning | None" = None, h_start=None):
-        self.model, self.ctx, self.h_main, self.cls = model, ctx, h_main, class_labels
+                 min_gap: float = 1e-3, cond_cache: "ConditioningCache | None" = None, h_start=None):
+        self.model, self.h_main, self.cls = model, h_main, class_labels
         self.Z = latent_table
         self.estimate, self.w = estimate, guidance_scale
         self.temperature, self.generator = temperature, generator
@@ -107,12 +127,12 @@ class TokenField:
         self._streak, self._last_argmax = 0, None
         self._h_start = h_start
         if guidance_scale is None:
-            self._h_main, self._cls = h_main, class_labels
-        else:  # cond and uncond as one batch
-            null = torch.full_like(class_labels, model.config.num_classes)
-            self._h_main, self._cls = h_main.repeat(2, 1, 1), torch.cat([class_labels, null])
+            self.ctx, self._h_main, self._cls = ctx, h_main, class_labels
+        else:  # cond and uncond as one batch: the rows twice, the second half with the null class
+            self.ctx, self._h_main = ctx.doubled(), h_main.repeat(2, 1, 1)
+            self._cls = with_null_class(class_labels, model.config.num_classes)
             self._h_start = None if h_start is None else h_start.repeat(2, 1, 1)
-        self.cond = cond_cache if cond_cache is not None else TimeConditioning(model, self._cls)
+        self.cond = cond_cache if cond_cache is not None else ConditioningCache(model, self._cls)
         # With the expected latent at temperature 1, x1_hat is the self-conditioning estimate itself.
         self._x1_is_z_hat = estimate == "expected" and temperature == 1.0 and guidance_scale is None
 
@@ -176,7 +196,12 @@ class TokenField:
         return self._streak >= self.early_stop.patience
 
 
-class TimeConditioning:
+def with_null_class(class_labels: torch.Tensor, null: int) -> torch.Tensor:
+    """Guidance's class labels: the rows' own [B], then the null class for each [B] -> [2B]."""
+    return torch.cat([class_labels, torch.full_like(class_labels, null)])
+
+
+class ConditioningCache:
     """What one evaluation needs from ``t`` alone, computed once per distinct ``t`` and reused.
 
     The conditioning ``c``, every block's adaLN modulation, the merge gate ``m(c_t) - m(c_0)``
@@ -186,7 +211,7 @@ class TimeConditioning:
     Adaptive solvers visit new times each token; the cache is emptied past ``max_entries``.
     """
 
-    def __init__(self, model: L2DModel, class_labels: torch.Tensor, max_entries: int = 256):
+    def __init__(self, model: "L2DModel", class_labels: torch.Tensor, max_entries: int = 256):
         self.model, self.cls, self.max_entries = model, class_labels, max_entries
         self._store: dict = {}
 
@@ -204,29 +229,28 @@ class TimeConditioning:
         return self.model.path.time_conditioning(tt, self.cls, modulations=True)
 
 
-def _check_inputs(model: L2DModel, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol,
-                  max_nfe, estimate, guidance_scale, class_label, temperature, top_k, top_p, readout,
-                  estimate_temperature=None):
-    check_solver(solver, steps, rtol, atol, max_nfe)
-    if estimate not in ESTIMATES:
-        raise ValueError(f"unknown estimate {estimate!r}; choose one of {ESTIMATES}.")
-    if estimate_temperature is not None and estimate_temperature != "1-t" and not (
-            isinstance(estimate_temperature, (int, float)) and estimate_temperature > 0):
-        raise ValueError(f"estimate_temperature must be a positive number or '1-t', got {estimate_temperature!r}.")
-    if readout not in ("final", "last"):
-        raise ValueError(f"readout must be 'final' or 'last', got {readout!r}.")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+def _check_inputs(model: "L2DModel", input_ids, attention_mask, max_new_tokens, settings: SolverSettings,
+                  class_label, temperature, top_k, top_p):
+    check_solver(settings.solver, settings.steps, settings.rtol, settings.atol, settings.max_nfe)
+    if settings.estimate not in ESTIMATES:
+        raise ValueError(f"unknown estimate {settings.estimate!r}; choose one of {ESTIMATES}.")
     if temperature <= 0:
         raise ValueError("temperature must be positive (use do_sample=False for greedy decoding).")
+    tau = settings.estimate_temperature
+    if tau != "1-t" and not (isinstance(tau, (int, float)) and tau > 0):
+        raise ValueError(f"estimate_temperature must be a positive number or '1-t', got {tau!r}.")
+    if settings.readout not in ("final", "last"):
+        raise ValueError(f"readout must be 'final' or 'last', got {settings.readout!r}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if top_k is not None and top_k < 1:
         raise ValueError("top_k must be a positive integer.")
     if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ValueError("top_p must lie in (0, 1].")
-    if guidance_scale is not None and class_label is None:
+    if settings.guidance_scale is not None and class_label is None:
         raise ValueError("guidance_scale needs class_label: guidance contrasts the class-conditional "
                          "velocity with the unconditional one.")
-    model._check_ids(input_ids, attention_mask, None)
+    model.check_inputs(input_ids, attention_mask, None)
     limit = getattr(model.base_model.config, "max_position_embeddings", None) or \
         getattr(model.base_model.config, "n_positions", None)
     if limit is not None:
@@ -298,7 +322,7 @@ def _eos_set(model, eos_token_id):
 
 
 @torch.no_grad()
-def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+def generate(model: "L2DModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 64, steps: int | None = 0, solver: str = "euler", grid: str = "uniform",
              rtol: float = 1e-3, atol: float = 1e-3, max_nfe: int | None = None,
              estimate: str = "expected", estimate_temperature=None, readout: str = "final",
@@ -329,8 +353,10 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(model, input_ids, attention_mask, max_new_tokens, steps, solver, rtol, atol, max_nfe,
-                  estimate, guidance_scale, class_label, temperature, top_k, top_p, readout, estimate_temperature)
+    settings = SolverSettings(steps, solver, grid, rtol, atol, max_nfe, estimate,
+                              temperature if estimate_temperature is None else estimate_temperature,
+                              readout, early_stop, guidance_scale)
+    _check_inputs(model, input_ids, attention_mask, max_new_tokens, settings, class_label, temperature, top_k, top_p)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need tokenizer= to decode the generated text.")
     B = input_ids.shape[0]
@@ -340,17 +366,16 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         pad_token_id = getattr(model.base_model.generation_config, "pad_token_id", None)
         pad_token_id = min(eos) if pad_token_id is None and eos else (pad_token_id or 0)
     cls = model.class_tensor(class_label, B)
-    use_path = steps != 0 and not model._disabled
+    use_path = steps != 0 and not model.adapter_disabled
     latent_table = model.latent_table().float() if use_path else None  # once per call, never per step
     cond_cache = None
     if use_path:  # t-only parts of the path, once per grid time for the whole call
-        cond_cache = TimeConditioning(model, cls if guidance_scale is None else torch.cat(
-            [cls, torch.full_like(cls, model.config.num_classes)]))
+        cond_cache = ConditioningCache(model, cls if guidance_scale is None else
+                                       with_null_class(cls, model.config.num_classes))
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
 
     sequences, mask = input_ids, attention_mask
     main = model.run_main_path(input_ids, mask)
-    kv = model.kv_deltas(main) if use_path else None  # the path's K/V deltas, extended token by token
     adapted = use_path and model.config.context == "adapted"  # a second cache: the context pass's K/V
     context = _context_step(model, main, input_ids, mask, main.position_ids) if adapted else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -360,10 +385,7 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     for _ in range(max_new_tokens):
         h_last = main.hidden[:, -1:]
         if use_path:
-            logits, nfe = _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol,
-                                       max_nfe, estimate, readout, early_stop, guidance_scale,
-                                       temperature if estimate_temperature is None else estimate_temperature, rngs,
-                                       cond_cache, kv, context)
+            logits, nfe = _solve_token(model, main, h_last, cls, latent_table, settings, rngs, cond_cache, context)
         else:
             logits, nfe = model.head_logits(h_last), 0
         nfe_log.append(nfe)
@@ -373,16 +395,11 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         if streamer is not None:
             streamer.put(nxt.cpu())
-        if eos:
-            finished |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
-        if stop_strings:
-            finished |= _hit_stop_string(tokenizer, sequences[:, input_ids.shape[1]:], stop_strings)
+        finished |= _finished_rows(nxt, eos, stop_strings, tokenizer, sequences[:, input_ids.shape[1]:])
         if bool(finished.all()):
             break
         pos = positions_from_mask(mask)[:, -1:]
         main = model.run_main_path(nxt[:, None], mask, position_ids=pos, cache=main.cache)
-        if kv is not None:
-            kv = model.kv_deltas(main, previous=kv)
         if context is not None:
             context = _context_step(model, main, nxt[:, None], mask, pos, cache=context)
     if streamer is not None:
@@ -392,47 +409,52 @@ def generate(model: L2DModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     return sequences
 
 
+def _finished_rows(nxt, eos: set, stop_strings: list, tokenizer, generated) -> torch.Tensor:
+    """Rows that just produced an end-of-sequence token or whose text now holds a stop string."""
+    done = torch.zeros_like(nxt, dtype=torch.bool)
+    if eos:
+        done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+    if stop_strings:
+        done |= _hit_stop_string(tokenizer, generated, stop_strings)
+    return done
+
+
 def _context_step(model, main, ids, mask, position_ids, cache=None):
     """The adapted context pass over ``ids`` (appended to ``cache``); the stream then starts from
     what its first layer receives there, so ``main.stream_input`` is replaced by the pass's own."""
-    cache, start = model._context_pass(ids, mask, position_ids, cache)
+    cache, start = model.context_pass(ids, mask, position_ids, cache)
     if start is not None:
         main.stream_input = start
     return cache
 
 
-def _solve_token(model, main, h_last, cls, latent_table, steps, solver, grid, rtol, atol, max_nfe,
-                 estimate, readout, early_stop, guidance_scale, temperature, rngs, cond_cache=None, kv=None,
+def _solve_token(model, main, h_last, cls, latent_table, settings: SolverSettings, rngs, cond_cache=None,
                  context=None):
     """Integrate one token's latent from noise to t=1; returns (logits [B, 1, V], NFE)."""
     B = h_last.shape[0]
     T = main.attention_mask.shape[1]
     query_index = torch.full((B, 1), T - 1, dtype=torch.long, device=h_last.device)
-    ctx = model.stream_context(main, query_index, kv, context)
-    if guidance_scale is not None:  # cond and uncond as one batch: the K/V are shared by both halves
-        ctx.keys = [k.repeat(2, 1, 1, 1) for k in ctx.keys]
-        ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]
-        ctx.query_index, ctx.query_position = query_index.repeat(2, 1), ctx.query_position.repeat(2, 1)
-        ctx.key_mask = ctx.key_mask.repeat(2, 1)
+    ctx = model.stream_context(main, query_index, context)
     h_start = None if main.stream_input is None else main.stream_input[:, -1:]
-    fld = TokenField(model, ctx, h_last, cls, latent_table, estimate, guidance_scale, temperature, rngs,
-                     max_nfe, early_stop, cond_cache=cond_cache, h_start=h_start)
+    s = settings
+    fld = TokenField(model, ctx, h_last, cls, latent_table, s.estimate, s.guidance_scale, s.estimate_temperature,
+                     rngs, s.max_nfe, s.early_stop, cond_cache=cond_cache, h_start=h_start)
     x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device).double()
     stopped = None
     try:
-        if solver in FIXED_SOLVERS:
-            x1 = integrate_fixed(fld, x0, steps, solver, grid)
+        if s.solver in FIXED_SOLVERS:
+            x1 = integrate_fixed(fld, x0, s.steps, s.solver, s.grid)
         else:
-            x1 = integrate_adaptive(fld, x0, solver, rtol, atol)
+            x1 = integrate_adaptive(fld, x0, s.solver, s.rtol, s.atol)
     except StopIntegration as why:
         stopped = str(why)
         if stopped == "max_nfe":
-            warnings.warn(f"{solver}: this token's solve hit max_nfe={max_nfe} before t=1; it is read out "
+            warnings.warn(f"{s.solver}: this token's solve hit max_nfe={s.max_nfe} before t=1; it is read out "
                           "from its last evaluation.", RuntimeWarning, stacklevel=3)
-    if stopped is None and (readout == "final" or fld.logits is None):
+    if stopped is None and (s.readout == "final" or fld.logits is None):
         fld.evaluate(1.0, x1, need_z_hat=False)
     return fld.logits, fld.nfe
 
 
-__all__ = ["generate", "L2DGenerateOutput", "EarlyStop", "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "ESTIMATES",
+__all__ = ["generate", "L2DGenerateOutput", "EarlyStop", "SolverSettings", "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "ESTIMATES",
            "DECODING_PROTOCOLS", "decoding_protocol"]

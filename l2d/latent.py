@@ -32,41 +32,6 @@ class LatentMap(nn.Module):
         u = self.phi(embeddings.to(self.phi.weight.dtype))
         return l2d_kernels.latent_normalize(u)
 
-    @torch.no_grad()
-    def init_from_embeddings(self, embedding_weight: torch.Tensor, how: str = "pca") -> None:
-        r"""Start ``phi`` from the frozen embedding table ``E`` [V, H] (see ``L2DConfig.latent_init``).
-
-        ``centered``: the current rows with the mean embedding's direction ``u = mu / |mu|``
-        projected out, ``W <- W (I - u u^T)``, so ``W E_y = W (E_y - mu)``. ``pca``: rows = the
-        top principal directions of ``E - mu`` (largest eigenvalue first), then the same projection;
-        rows beyond ``H`` keep their (projected) random values. Rows keep the random init's norm.
-        """
-        if how not in ("centered", "pca"):
-            raise ValueError(f"unknown latent init {how!r}; expected 'centered' or 'pca'")
-        W = self.phi.weight
-        E = embedding_weight.detach()
-        # sums over row chunks, so a large vocabulary is never copied whole in float32
-        total = torch.zeros(E.shape[1], dtype=torch.float64, device=E.device)
-        gram = torch.zeros(E.shape[1], E.shape[1], dtype=torch.float64, device=E.device) if how == "pca" else None
-        for chunk in E.split(65536):
-            chunk = chunk.float()
-            total += chunk.sum(0, dtype=torch.float64)
-            if gram is not None:
-                gram += (chunk.T @ chunk).double()
-        mu = (total / E.shape[0]).to(W.device)
-        rows = W.detach().double().clone()
-        scale = rows.norm(dim=1).mean()
-        if gram is not None:
-            # eigh of the H x H covariance (E - mu)^T (E - mu) = E^T E - V mu mu^T: no SVD of the V x H table
-            _, vectors = torch.linalg.eigh(gram.to(W.device) - E.shape[0] * torch.outer(mu, mu))
-            k = min(W.shape[0], vectors.shape[1])
-            rows[:k] = vectors[:, -k:].flip(1).T * scale
-        if mu.norm() > 0:
-            u = mu / mu.norm()
-            rows = rows - (rows @ u)[:, None] * u[None]
-            rows = rows * (scale / rows.norm(dim=1, keepdim=True).clamp(min=1e-12))
-        W.copy_(rows.to(W.dtype))
-
     def table(self, embedding_weight: torch.Tensor) -> torch.Tensor:
         """The ``V x d`` table of all latents (build once per step or per generate call)."""
         return self(embedding_weight)
@@ -89,6 +54,11 @@ def add_noise(z: torch.Tensor, t: torch.Tensor, sigma: float, noise: torch.Tenso
     return tt * z + (1 - tt) * sigma * noise
 
 
+def cosmap(u: torch.Tensor) -> torch.Tensor:
+    """The cosmap warp of ``u`` in [0, 1]: ``t = 1 - 1 / (tan(pi u / 2) + 1)`` (mass at both ends)."""
+    return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+
+
 def sample_timesteps(shape, schedule: str, device=None, generator=None, mean: float = 0.0, std: float = 1.0):
     """Draw one ``t`` in [0, 1) per entry of ``shape``.
 
@@ -97,8 +67,7 @@ def sample_timesteps(shape, schedule: str, device=None, generator=None, mean: fl
     - ``logit_normal``: ``t = sigmoid(n)``, ``n ~ N(mean, std^2)``.
     """
     if schedule == "cosmap":
-        u = torch.rand(shape, device=device, generator=generator)
-        return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+        return cosmap(torch.rand(shape, device=device, generator=generator))
     if schedule == "uniform":
         return torch.rand(shape, device=device, generator=generator)
     if schedule == "logit_normal":
@@ -107,28 +76,13 @@ def sample_timesteps(shape, schedule: str, device=None, generator=None, mean: fl
     raise ValueError(f"unknown schedule {schedule!r}; expected 'cosmap', 'uniform' or 'logit_normal'")
 
 
-def loss_weights(t: torch.Tensor, weighting: str) -> torch.Tensor:
-    """Per-token training loss weight ``w(t)``: ``none`` 1, ``late`` ``2t``, ``early`` ``2(1 - t)``.
-
-    Both non-trivial weights integrate to 1 over ``t ~ U(0, 1)`` and under any schedule symmetric
-    about ``t = 1/2`` (cosmap, logit-normal with mean 0), so the loss keeps its scale.
-    """
-    if weighting == "none":
-        return torch.ones_like(t, dtype=torch.float32)
-    if weighting == "late":
-        return 2 * t.float()
-    if weighting == "early":
-        return 2 * (1 - t.float())
-    raise ValueError(f"unknown loss weighting {weighting!r}; expected 'none', 'late' or 'early'")
-
-
 def time_grid(steps: int, spacing: str = "uniform", device=None) -> torch.Tensor:
     """``steps + 1`` times from 0 to 1 for a fixed-step solver, uniform or cosmap-spaced."""
     u = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
     if spacing == "uniform":
         return u
     if spacing == "cosmap":
-        g = 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+        g = cosmap(u)
         g[-1] = 1.0  # tan(pi/2) is finite in floating point; pin the end exactly
         return g
     raise ValueError(f"unknown grid spacing {spacing!r}; expected 'uniform' or 'cosmap'")

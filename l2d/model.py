@@ -1,8 +1,9 @@
 """L2DModel: a frozen causal LM with a trainable diffusion path beside it.
 
-Data flow of one forward: main path (frozen, no grad, KV cache) -> per-layer keys/values and the
-last hidden state -> diffusion path at the query positions -> merge -> frozen final norm and
-``lm_head`` -> response-only cross-entropy.
+Data flow of one forward: main path (frozen, no grad, KV cache; ``l2d/main_path.py``) -> per-layer
+keys/values and the last hidden state -> diffusion path at the query positions (``l2d/path.py``) ->
+merge -> frozen final norm and ``lm_head`` -> response-only cross-entropy. Also: save/load, and
+``generate`` (the token loop of ``l2d/generation.py``, which drives the model through its methods).
 """
 from __future__ import annotations
 
@@ -13,20 +14,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
 import l2d_kernels
 
 from . import __version__
 from .arch import ArchAdapter
-from .config import CONFIG_NAME, WEIGHTS_NAME, L2DConfig
+from .config import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, L2DConfig
 from .device_map import is_dispatched, place_blocks
-from .latent import add_noise, loss_weights, sample_timesteps
-from .path import DiffusionPath, StreamContext
+from .latent import add_noise, sample_timesteps
+from .main_path import MainPathMixin, MainPathState, positions_from_mask
+from .path import DiffusionPath
 from .trajectory import draw_trajectory, solver_state
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -40,32 +39,12 @@ class L2DOutput(ModelOutput):
     t: torch.Tensor | None = None
 
 
-@dataclass
-class MainPathState:
-    """What the frozen main path leaves for the diffusion path."""
-
-    cache: DynamicCache          # per layer keys/values [B, kv_heads, T, head_dim], post-rotary
-    hidden: torch.Tensor         # [B, T, H] last decoder layer output, before the final norm
-    position_ids: torch.Tensor   # [B, T] rotary positions (cumsum of the mask, as generate does)
-    attention_mask: torch.Tensor  # [B, T]
-    # [B, T, H] what the stream's first layer (path.stream_start; 0 by default, where it is the token
-    # embeddings as the layers see them) receives: from the main path, or from the adapted context pass
-    stream_input: torch.Tensor | None = None
-    attn_inputs: list | None = None     # per layer [B, T, H]: what its attention module received (kv_rank > 0)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rotary positions that ignore left padding, the same rule transformers' ``generate`` uses."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
-
-
-class L2DModel(nn.Module):
+class L2DModel(MainPathMixin, nn.Module):
     """A frozen base ``*ForCausalLM`` plus a trainable :class:`DiffusionPath`.
 
     The base keeps ``requires_grad=False`` and ``eval()`` mode for good (the path reuses modules
-    that hold dropout). Only ``self.path`` is trained and saved. ``init_weights=False`` skips the
-    data-dependent init (``config.latent_init``) for a path whose weights are loaded next.
+    that hold dropout). Only ``self.path`` is trained and saved. The main pass, the adapted context
+    pass and the stream's view of their keys/values are :class:`~l2d.main_path.MainPathMixin`'s.
     """
 
     # What transformers' Trainer reads off a model: the loss shifts labels as a causal LM's does (so
@@ -75,7 +54,7 @@ class L2DModel(nn.Module):
     accepts_loss_kwargs = True
     supports_gradient_checkpointing = True
 
-    def __init__(self, base_model: nn.Module, config: L2DConfig | None = None, init_weights: bool = True):
+    def __init__(self, base_model: nn.Module, config: L2DConfig | None = None):
         super().__init__()
         config = config or L2DConfig()
         self.arch = ArchAdapter(base_model)   # raises for unsupported families, before any work
@@ -89,8 +68,6 @@ class L2DModel(nn.Module):
         self.path = DiffusionPath(self.arch, config).to(device)
         if is_dispatched(base_model):  # device_map / offload: each block on its layer's device
             self._device_hooks = place_blocks(self)
-        if init_weights and config.latent_init != "random":  # (from_pretrained loads the weights instead)
-            self.path.latent.init_from_embeddings(base_model.get_input_embeddings().weight, config.latent_init)
         self._disabled = False
         self.gradient_checkpointing = False
 
@@ -112,6 +89,11 @@ class L2DModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
+
+    @property
+    def adapter_disabled(self) -> bool:
+        """True inside :meth:`disable_adapter`: the model is then the base model."""
+        return self._disabled
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -161,7 +143,9 @@ class L2DModel(nn.Module):
         return self.base_model
 
     # --- validation ----------------------------------------------------------------------------
-    def _check_ids(self, input_ids: torch.Tensor, attention_mask, labels):
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask, labels):
+        """Raise a ValueError when ids, mask or labels do not fit this model (shapes, id range, no
+        supervised token)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
         if input_ids.numel() == 0:
@@ -210,96 +194,6 @@ class L2DModel(nn.Module):
             raise ValueError(f"class label id {int(labels.max())} out of range: this adapter has "
                              f"{self.config.num_classes} classes {list(self.config.class_names)} (+ null).")
         return labels
-
-    # --- the main path ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def run_main_path(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> MainPathState:
-        """Run the frozen base once (no grad) and keep its cache and pre-norm last hidden state.
-
-        The cache is a fresh ``DynamicCache()`` without a config: one built from the config drops
-        old keys in sliding-window layers, which the diffusion stream masks itself.
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)
-        captured = {}
-        hooks = [self.arch.final_norm.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))]
-        if self.config.stream_init == "main" and self.config.context == "frozen":  # (adapted: the context pass's)
-            hooks.append(_keep_input(self.arch.layers[self.path.stream_start], captured, "e"))
-        if self.config.kv_rank:
-            inputs = [None] * self.arch.num_layers
-            hooks += [_keep_input(self.arch.attn(i), inputs, i) for i in range(self.arch.num_layers)]
-            captured["a"] = inputs
-        try:
-            cache = self.arch.run_backbone(input_ids, attention_mask, position_ids, cache)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        start = captured.get("e")  # (moved home: with a device map the layers may sit elsewhere)
-        return MainPathState(cache, captured["h"].to(self.device), position_ids, attention_mask,
-                             None if start is None else start.to(self.device), captured.get("a"))
-
-    def run_context_pass(self, input_ids, attention_mask, position_ids, cache=None) -> DynamicCache:
-        """``context="adapted"``: the frozen layers with the path's q/o/MLP deltas on, over every
-        position of ``input_ids`` (appended to ``cache`` when decoding); returns the cache whose
-        keys/values the queries read. Runs under the caller's grad mode: in training the deltas
-        get gradients through these keys/values."""
-        return self._context_pass(input_ids, attention_mask, position_ids, cache)[0]
-
-    def _context_pass(self, input_ids, attention_mask, position_ids, cache=None):
-        """:meth:`run_context_pass`, plus what the stream's first layer receives in it [B, T, H]
-        (``stream_init="main"``; else None): the stream then takes up the context pass there."""
-        captured = {}
-        keep = self.config.stream_init == "main"
-        hook = _keep_input(self.arch.layers[self.path.stream_start], captured, "e") if keep else None
-        try:
-            with self.path.switch.context_pass():
-                # only its keys/values are read: the forward ends once the last layer has cached them
-                cache = self.arch.run_backbone(input_ids, attention_mask, position_ids, cache, kv_only=True)
-        finally:
-            if hook is not None:
-                hook.remove()
-        return cache, captured.get("e")
-
-    def _merge_passes_stream(self, t_q: torch.Tensor) -> bool:
-        """True when the merge returns the stream itself at every query: ``stream_init="main"``
-        (``h = h_main + g (h_f - h_main)``), ``merge_init="open"`` with a frozen all-zero merge head
-        (as when the conditioning heads are frozen) and ``t > 0``, so that ``g = 1`` exactly and
-        ``h = h_f``: the main path's hidden states are then not needed."""
-        merge = self.path.merge[-1]
-        return (self.config.stream_init == "main" and self.config.merge_init == "open"
-                and not merge.weight.requires_grad and not bool(merge.weight.any()) and bool((t_q > 0).all()))
-
-    def kv_deltas(self, main: MainPathState, previous: list | None = None) -> list | None:
-        """The path's key/value deltas at the positions ``main`` just ran (``kv_rank > 0``), appended
-        to ``previous`` (the earlier positions', when decoding token by token)."""
-        new = self.path.kv_deltas(self.arch, main.attn_inputs, main.position_ids) if main.attn_inputs else None
-        if new is None or previous is None:
-            return new
-        return [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(previous, new)]
-
-    def stream_context(self, main: MainPathState, query_index: torch.Tensor, kv_deltas=None,
-                       context: DynamicCache | None = None, rows: torch.Tensor | None = None) -> StreamContext:
-        """What the blocks read for ``query_index``; ``kv_deltas`` default to those of ``main``'s
-        own positions (the whole sequence in a teacher-forced forward). ``context``: the cache of
-        :meth:`run_context_pass` (``context="adapted"``), read instead of the main path's.
-        ``rows``: run the stream on these flat query slots only (see :class:`StreamContext`)."""
-        if self.config.context == "adapted" and context is None:
-            raise ValueError("context='adapted' reads the keys/values of run_context_pass; pass its cache as context=.")
-        cache = main.cache if context is None else context
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        pos = main.position_ids
-        if pos.shape[1] != main.attention_mask.shape[1]:  # incremental decoding: positions of the new tokens only
-            pos = positions_from_mask(main.attention_mask)
-        if kv_deltas is None:
-            kv_deltas = self.kv_deltas(main)
-        if kv_deltas is not None and kv_deltas[0][0].shape[2] != keys[0].shape[2]:
-            raise ValueError(f"kv_deltas cover {kv_deltas[0][0].shape[2]} positions, the cache {keys[0].shape[2]}: "
-                             "pass the deltas of every position (model.kv_deltas(main, previous)).")
-        return StreamContext(keys, values, query_index, pos.gather(1, query_index), main.attention_mask, self.dtype,
-                             kv_deltas, rows)
 
     # --- the head ------------------------------------------------------------------------------
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -364,55 +258,17 @@ class L2DModel(nn.Module):
             return out
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._check_ids(input_ids, attention_mask, labels)
+        self.check_inputs(input_ids, attention_mask, labels)
         B, T = input_ids.shape
-        cls = self.class_tensor(class_labels, B)
-        if self.training and self.config.class_dropout > 0:
-            drop = torch.rand(B, device=cls.device) < self.config.class_dropout
-            cls = torch.where(drop, torch.full_like(cls, self.config.num_classes), cls)
+        cls = self._training_class_labels(class_labels, B)
         if self._disabled:
-            main = self.run_main_path(input_ids, attention_mask, position_ids)
-            logits = self.head_logits(main.hidden)
-            loss = None
-            if labels is not None:
-                tgt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-                loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction=reduction)
-                if reduction == "none":  # supervised tokens only, as the path's branch returns them
-                    loss = loss[tgt.flatten() != IGNORE_INDEX]
-            return L2DOutput(loss=loss, logits=logits)
+            return self._base_forward(input_ids, attention_mask, labels, position_ids, reduction)
 
         all_positions = labels is None or bool(output_logits)
-        next_tokens = labels if labels is not None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        targets = F.pad(next_tokens[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i+1
-        if all_positions:
-            query_index = torch.arange(T, device=input_ids.device).expand(B, T)
-            query_targets = targets
-        else:
-            query_index, query_targets = _pack_supervised(targets)
-
-        # Packed supervised queries: the stream runs on the N supervised rows alone, not on the
-        # [B, Tq] slots padded to the longest response (identical results, less work).
-        rows = None if all_positions else (query_targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        query_index, query_targets, rows = self._queries(input_ids, attention_mask, labels, all_positions)
         t_q = self._timesteps(t, B, T, query_index)
-        z = self.path.latent.lookup(self.base_model.get_input_embeddings().weight, query_targets.clamp(min=0))
-        z = z * (query_targets != IGNORE_INDEX).unsqueeze(-1)  # no target: the input is pure noise
-        if noise is not None:
-            noise = noise.to(z.device, z.dtype).gather(1, query_index.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
-        x_t = add_noise(z, t_q, self.config.sigma, noise)
-
-        context = None
-        if self.config.context == "adapted" and not all_positions and self._merge_passes_stream(t_q.flatten()[rows]):
-            # The merge passes h_f through as it is, so the frozen main pass (a third of an adapted
-            # step) is skipped; its hidden states stand in as zeros: 0 + 1 * (h_f - 0) = h_f exactly.
-            position_ids = positions_from_mask(attention_mask) if position_ids is None else position_ids
-            context, start = self._context_pass(input_ids, attention_mask, position_ids)
-            hidden = torch.zeros(B, T, self.arch.hidden_size, device=input_ids.device, dtype=self.dtype)
-            main = MainPathState(context, hidden, position_ids, attention_mask, start)
-        else:
-            main = self.run_main_path(input_ids, attention_mask, position_ids)
-            if self.config.context == "adapted":
-                context, main.stream_input = self._context_pass(input_ids, attention_mask, main.position_ids)
+        x_t = self._noisy_latents(query_index, query_targets, t_q, noise)
+        main, context = self._main_pass(input_ids, attention_mask, position_ids, t_q, rows)
         ctx = self.stream_context(main, query_index, context=context, rows=rows)
         at_queries = query_index.unsqueeze(-1).expand(-1, -1, main.hidden.shape[-1])
         h_main = ctx.select_rows(main.hidden.gather(1, at_queries))
@@ -420,6 +276,84 @@ class L2DModel(nn.Module):
         x_t, t_rows, query_targets = ctx.select_rows(x_t), ctx.select_rows(t_q), ctx.select_rows(query_targets)
         if rows is not None:
             cls = ctx.select_rows(cls.unsqueeze(1).expand_as(query_index))
+        h = self._run_path(ctx, h_main, h_start, x_t, t_rows, cls, self_conditioning, trajectory)
+
+        loss = num_tokens = None
+        if labels is not None:
+            sup = query_targets != IGNORE_INDEX
+            num_tokens = sup.sum()
+            loss = self.head_loss(h[sup], query_targets[sup], reduction=reduction)
+            if not bool(torch.isfinite(loss).all()):
+                raise FloatingPointError(f"non-finite L2D loss ({loss.sum().item()}); check the learning rate "
+                                         "and the inputs (fp16 overflow?).")
+        logits = self.head_logits(h) if all_positions and (labels is None or output_logits) else None
+        return L2DOutput(loss=loss, logits=logits, num_tokens=num_tokens, t=t_q)
+
+    def _training_class_labels(self, class_labels, batch: int) -> torch.Tensor:
+        """:meth:`class_tensor`, each row's label replaced by the null class with probability
+        ``config.class_dropout`` in training (so that classifier-free guidance works)."""
+        cls = self.class_tensor(class_labels, batch)
+        if self.training and self.config.class_dropout > 0:
+            drop = torch.rand(batch, device=cls.device) < self.config.class_dropout
+            cls = torch.where(drop, torch.full_like(cls, self.config.num_classes), cls)
+        return cls
+
+    def _base_forward(self, input_ids, attention_mask, labels, position_ids, reduction: str) -> L2DOutput:
+        """Inside :meth:`disable_adapter`: the base model's logits and causal-LM loss."""
+        main = self.run_main_path(input_ids, attention_mask, position_ids)
+        logits = self.head_logits(main.hidden)
+        loss = None
+        if labels is not None:
+            tgt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction=reduction)
+            if reduction == "none":  # supervised tokens only, as the path's branch returns them
+                loss = loss[tgt.flatten() != IGNORE_INDEX]
+        return L2DOutput(loss=loss, logits=logits)
+
+    def _queries(self, input_ids, attention_mask, labels, all_positions: bool):
+        """``(query_index [B, Tq], query_targets [B, Tq], rows)``: every position, or (with labels) the
+        supervised ones packed to the left; ``rows`` [N] are then the slots that hold one.
+
+        Packed supervised queries: the stream runs on the N supervised rows alone, not on the
+        [B, Tq] slots padded to the longest response (identical results, less work)."""
+        next_tokens = labels if labels is not None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        targets = F.pad(next_tokens[:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts token i+1
+        if all_positions:
+            B, T = input_ids.shape
+            return torch.arange(T, device=input_ids.device).expand(B, T), targets, None
+        query_index, query_targets = _pack_supervised(targets)
+        return query_index, query_targets, (query_targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+    def _noisy_latents(self, query_index, query_targets, t_q, noise) -> torch.Tensor:
+        """``x_t`` [B, Tq, d] of each query's target token (pure noise where it has none)."""
+        z = self.path.latent.lookup(self.base_model.get_input_embeddings().weight, query_targets.clamp(min=0))
+        z = z * (query_targets != IGNORE_INDEX).unsqueeze(-1)  # no target: the input is pure noise
+        if noise is not None:
+            noise = noise.to(z.device, z.dtype).gather(1, query_index.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+        return add_noise(z, t_q, self.config.sigma, noise)
+
+    def _main_pass(self, input_ids, attention_mask, position_ids, t_q, rows):
+        """``(MainPathState, context cache or None)``: the main pass, and the adapted context pass.
+
+        With packed queries whose merge passes ``h_f`` through as it is (:meth:`merge_passes_stream`)
+        the frozen main pass (a third of an adapted step) is skipped; its hidden states stand in as
+        zeros: 0 + 1 * (h_f - 0) = h_f exactly."""
+        adapted = self.config.context == "adapted"
+        if adapted and rows is not None and self.merge_passes_stream(t_q.flatten()[rows]):
+            position_ids = positions_from_mask(attention_mask) if position_ids is None else position_ids
+            context, start = self.context_pass(input_ids, attention_mask, position_ids)
+            hidden = torch.zeros(*input_ids.shape, self.arch.hidden_size, device=input_ids.device, dtype=self.dtype)
+            return MainPathState(context, hidden, position_ids, attention_mask, start), context
+        main = self.run_main_path(input_ids, attention_mask, position_ids)
+        context = None
+        if adapted:
+            context, main.stream_input = self.context_pass(input_ids, attention_mask, main.position_ids)
+        return main, context
+
+    def _run_path(self, ctx, h_main, h_start, x_t, t_rows, cls, self_conditioning, trajectory) -> torch.Tensor:
+        """The path's merged hidden state at the queries, with self-conditioning's first no-grad pass
+        or trajectory training's solver state drawn as the config (or the arguments) say."""
         z_hat = torch.zeros_like(x_t)
         use_sc = self_conditioning if self_conditioning is not None else (
             self.training and torch.rand(()) < self.config.self_conditioning)
@@ -432,25 +366,8 @@ class L2DModel(nn.Module):
             with torch.no_grad():
                 h_first = self.path(self.arch, ctx, h_main, x_t, t_rows, z_hat, cls, h_start=h_start)
                 z_hat = self.expected_latent(h_first, self.latent_table())
-        h = self.path(self.arch, ctx, h_main, x_t, t_rows, z_hat, cls, checkpoint=self.gradient_checkpointing,
-                      h_start=h_start)
-
-        loss = num_tokens = None
-        if labels is not None:
-            sup = query_targets != IGNORE_INDEX
-            num_tokens = sup.sum()
-            if self.training and self.config.loss_weighting != "none":
-                ce = self.head_loss(h[sup], query_targets[sup], reduction="none")
-                loss = loss_weights(t_rows[sup], self.config.loss_weighting) * ce
-                if reduction != "none":
-                    loss = loss.sum() / (num_tokens.clamp(min=1) if reduction == "mean" else 1)
-            else:
-                loss = self.head_loss(h[sup], query_targets[sup], reduction=reduction)
-            if not bool(torch.isfinite(loss).all()):
-                raise FloatingPointError(f"non-finite L2D loss ({loss.sum().item()}); check the learning rate "
-                                         "and the inputs (fp16 overflow?).")
-        logits = self.head_logits(h) if all_positions and (labels is None or output_logits) else None
-        return L2DOutput(loss=loss, logits=logits, num_tokens=num_tokens, t=t_q)
+        return self.path(self.arch, ctx, h_main, x_t, t_rows, z_hat, cls, checkpoint=self.gradient_checkpointing,
+                         h_start=h_start)
 
     def _solver_state(self, ctx, h_main, h_start, cls, like: torch.Tensor):
         """``(x_t, t, z_hat)`` after ``k`` of ``N`` no-grad Euler steps from noise (l2d/trajectory.py)."""
@@ -543,7 +460,7 @@ class L2DModel(nn.Module):
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise ValueError(f"{weights} could not be read as safetensors ({e}); the file is corrupt "
                              "or truncated: re-save or re-download the adapter.") from e
-        model = cls(base_model, config, init_weights=False)
+        model = cls(base_model, config)
         expected = model.path.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -561,12 +478,6 @@ class L2DModel(nn.Module):
 def get_l2d_model(base_model: nn.Module, config: L2DConfig | None = None) -> L2DModel:
     """Freeze ``base_model`` and attach a fresh diffusion path (the peft ``get_peft_model`` analogue)."""
     return L2DModel(base_model, config or L2DConfig())
-
-
-def _keep_input(module: nn.Module, store, key):
-    """A forward pre-hook that keeps what ``module`` receives (its hidden states) in ``store[key]``."""
-    return module.register_forward_pre_hook(
-        lambda m, args, kwargs: store.__setitem__(key, args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
 
 
 def _pack_supervised(targets: torch.Tensor):

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .config import L2DConfig
+from .config import L2DConfig, drop_removed_options
 from .data import DataSource
 from .mdm.config import MaskedDiffusionConfig
 from .suggest import did_you_mean
@@ -212,6 +212,11 @@ def build(cls, raw: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     where = f"{prefix}." if prefix else ""
+    if cls is L2DConfig:  # recipes written before an option was removed hold it at its old default
+        try:
+            raw = drop_removed_options(raw, prefix or "l2d")
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
     unknown = sorted(set(raw) - known)
     if unknown:
         raise RecipeError(f"unknown key {where}{unknown[0]}{did_you_mean(unknown[0], known)}"
@@ -219,6 +224,7 @@ def build(cls, raw: dict, prefix: str = ""):
                           f"known keys{' of ' + prefix if prefix else ''}: {sorted(known)}")
     kwargs = {k: _convert(v, hints[k], f"{where}{k}") for k, v in raw.items()}
     try:
+
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # a section's own range checks (L2DConfig.validate)
         raise RecipeError(f"{prefix or cls.__name__}: {e}") from e

@@ -34,6 +34,7 @@ from .baseline_loss import ResponseLoss, inner, inner_state_dict, is_response_lo
 from .batching import Collator, length_grouped_batches
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_optimizer_tensors, \
     save_checkpoint, set_rng_state
+from .config import REMOVED_OPTIONS
 from .data import IGNORE_INDEX, DataSource, build_dataset, null_class_label
 from .recipe import Recipe, RecipeError
 
@@ -241,6 +242,8 @@ def _recipe_view(d: dict) -> dict:
     for key, default in _resume_values(Recipe().to_dict()).items():
         value = saved[key]
         if isinstance(value, dict) and isinstance(default, dict):
+            if key == "l2d":  # options removed since, at their old defaults (as every such run had them)
+                value = {k: v for k, v in value.items() if not (k in REMOVED_OPTIONS and v == REMOVED_OPTIONS[k])}
             value = {**default, **value}
         out[key] = default if value is None else value
     sources = out["data"].get("sources")

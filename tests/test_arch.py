@@ -9,7 +9,7 @@ import torch
 
 from l2d import get_l2d_model
 from l2d.arch import get_spec
-from l2d.model import positions_from_mask
+from l2d.main_path import positions_from_mask
 from tiny import FAMILIES, tiny_base, tiny_config
 
 

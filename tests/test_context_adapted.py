@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from l2d import L2DConfig, L2DModel, get_l2d_model
-from l2d.model import positions_from_mask
+from l2d.main_path import positions_from_mask
 from l2d.train import freeze_parts
 from tiny import batch, randomize_path, tiny_base, tiny_config
 
@@ -128,8 +128,6 @@ def test_save_load_and_unload(tmp_path):
 def test_bad_context_settings_are_refused():
     with pytest.raises(ValueError, match="context must be one of"):
         L2DConfig(context="lora")
-    with pytest.raises(ValueError, match="kv_rank must be 0"):
-        L2DConfig(context="adapted", kv_rank=4)
 
 
 def test_with_a_frozen_zero_merge_head_training_skips_the_main_path_and_loses_nothing(monkeypatch):
@@ -199,57 +197,6 @@ def _zero_deltas_below(model, first: int):
                     p.zero_()
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox", "gemma2"])
-def test_context_layers_adapt_only_the_top_layers_of_the_context_pass(family):
-    """``context_layers=k`` on 3 layers: the context pass is the base with the deltas of the top k
-    layers only (the same cache as a path whose lower deltas are zero). A layer's deltas change
-    what the layers above it read, so with k = 2 the keys/values of layers 0 and 1 are the frozen
-    ones (layer 0's outside the autograd graph: the backward stops there), layer 2's are adapted; the lower
-    deltas still learn through the stream, and t = 0 is still the base."""
-    base = tiny_base(family, num_hidden_layers=3)
-    model = get_l2d_model(base, tiny_config(context="adapted", context_layers=2)).train()
-    assert [b.in_context for b in model.path.blocks] == [False, True, True]
-    _deltas_only(model)
-    ids, labels = batch(seed=10, T=9, prompt=6)
-    mask = torch.ones_like(ids)
-    pos = positions_from_mask(mask)
-    ctx = model.run_context_pass(ids, mask, pos)
-    with torch.no_grad():
-        main = model.run_main_path(ids, mask, pos)
-    assert not ctx.layers[0].keys.requires_grad and not ctx.layers[0].values.requires_grad
-    for i in (0, 1):  # (layer 1's keys may hang off its fused q/k/v output, where the q delta is added)
-        assert torch.equal(ctx.layers[i].keys, main.cache.layers[i].keys)
-        assert torch.equal(ctx.layers[i].values, main.cache.layers[i].values)
-    assert ctx.layers[2].keys.requires_grad
-    assert (ctx.layers[2].keys - main.cache.layers[2].keys).abs().max() > 1e-4
-    model(ids, labels=labels, t=0.5, self_conditioning=False).loss.backward()
-    lowest = [p for n, p in model.path.blocks[0].named_parameters() if "delta" in n]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lowest)  # through the stream
-
-    every = get_l2d_model(tiny_base(family, num_hidden_layers=3), tiny_config(context="adapted")).eval()
-    every.path.load_state_dict(model.path.state_dict())
-    _zero_deltas_below(every, 1)
-    with torch.no_grad():
-        a = model.eval().run_context_pass(ids, mask, pos)
-        b = every.run_context_pass(ids, mask, pos)
-        for la, lb in zip(a.layers, b.layers):
-            torch.testing.assert_close(la.keys, lb.keys, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(la.values, lb.values, atol=1e-6, rtol=1e-6)
-        ref = base(input_ids=ids).logits.float()
-        assert (model(ids, t=0.0).logits - ref).abs().max() < 1e-5
-        assert (model(ids, t=0.6).logits - ref).abs().max() > 1e-3
-
-
-def test_context_layers_settings_are_checked():
-    with pytest.raises(ValueError, match="context_layers needs context='adapted'"):
-        L2DConfig(context_layers=2)
-    with pytest.raises(ValueError, match="context_layers needs context='adapted'"):
-        L2DConfig(context="adapted", context_layers=0)
-    L = tiny_base("llama").config.num_hidden_layers
-    with pytest.raises(ValueError, match=f"context_layers={L + 1} but the base has {L} decoder layers"):
-        get_l2d_model(tiny_base("llama"), tiny_config(context="adapted", context_layers=L + 1))
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gemma3_text"])
 def test_context_pass_stops_once_the_last_keys_are_cached(family):
     """The context pass is read only through its keys/values: it ends when the last layer has cached
@@ -271,9 +218,9 @@ def test_context_pass_stops_once_the_last_keys_are_cached(family):
             full = model.arch.run_backbone(ids, mask, pos)  # the whole forward, deltas on
         assert len(calls) == 2  # (the base's forward and this one)
         calls.clear()
-        cache = model.run_context_pass(ids[:, :5], mask[:, :5], pos[:, :5])
+        cache = model.context_pass(ids[:, :5], mask[:, :5], pos[:, :5])[0]
         assert isinstance(cache, KVOnlyCache) and not calls  # the last MLP did not run
-        cache = model.run_context_pass(ids[:, 5:], mask, pos[:, 5:], cache=cache)  # appending, as generate does
+        cache = model.context_pass(ids[:, 5:], mask, pos[:, 5:], cache=cache)[0]  # appending, as generate does
         assert not calls
         for got, want in zip(cache.layers, full.layers):
             torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-5)

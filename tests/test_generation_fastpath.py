@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from l2d import get_l2d_model
-from l2d.generation import TimeConditioning, TokenField
+from l2d.generation import ConditioningCache, TokenField
 from tiny import batch, randomize_path, tiny_base, tiny_config
 
 
@@ -21,12 +21,8 @@ def test_fast_evaluation_is_bitwise_the_plain_path(family, w, stream_init, merge
     h_start = None if main.stream_input is None else main.stream_input[:, -1:]
     null = torch.full_like(cls, model.config.num_classes)
     both = cls if w is None else torch.cat([cls, null])
-    cache = TimeConditioning(model, both)
-    if w is not None:
-        ctx.keys = [k.repeat(2, 1, 1, 1) for k in ctx.keys]
-        ctx.values = [v.repeat(2, 1, 1, 1) for v in ctx.values]
-        ctx.query_index, ctx.query_position = ctx.query_index.repeat(2, 1), ctx.query_position.repeat(2, 1)
-        ctx.key_mask = ctx.key_mask.repeat(2, 1)
+    cache = ConditioningCache(model, both)
+    both_ctx = ctx if w is None else ctx.doubled()  # (the field doubles its context itself)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t in (0.0, 0.37, 1.0, 0.37):  # 0.37 twice: the second one comes from the cache
@@ -38,7 +34,7 @@ def test_fast_evaluation_is_bitwise_the_plain_path(family, w, stream_init, merge
             got = fld.evaluate(t, x)
             r = 1 if w is None else 2
             tt = torch.full((2 * r, 1), t)
-            h = model.path(model.arch, ctx, h_main.repeat(r, 1, 1), x.repeat(r, 1, 1), tt, z_hat.repeat(r, 1, 1), both,
+            h = model.path(model.arch, both_ctx, h_main.repeat(r, 1, 1), x.repeat(r, 1, 1), tt, z_hat.repeat(r, 1, 1), both,
                            h_start=None if h_start is None else h_start.repeat(r, 1, 1))
             ref = model.head_logits(h)
             if w is not None:

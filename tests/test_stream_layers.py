@@ -29,10 +29,6 @@ def test_blocks_cover_the_stream_and_the_layers_the_context_pass_adapts():
     assert [b.in_stream for b in adapted.path.blocks] == [False, False, False, True]
     assert [hasattr(b, "adaln") for b in adapted.path.blocks] == [False, False, False, True]
 
-    both = get_l2d_model(deep_base(), tiny_config(context="adapted", context_layers=2, stream_layers=3))
-    assert [b.index for b in both.path.blocks] == [1, 2, 3]
-    assert [b.in_context for b in both.path.blocks] == [False, True, True]
-
     full = get_l2d_model(deep_base(), tiny_config())
     assert frozen.get_nb_trainable_parameters()[0] < full.get_nb_trainable_parameters()[0]
 
@@ -161,7 +157,6 @@ def test_save_load_round_trip_and_mismatched_base(tmp_path):
 @pytest.mark.parametrize("kw, message", [
     (dict(stream_layers=0), "stream_layers must be a positive number"),
     (dict(stream_layers=2, stream_init="encoder"), "stream_layers needs stream_init='main'"),
-    (dict(stream_layers=2, kv_rank=4), "stream_layers needs kv_rank=0"),
 ])
 def test_bad_stream_layers_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -47,7 +47,7 @@ def _losses_and_grads(model, ids, mask, labels, t, noise, classes, sc):
     ("gpt2", False, False), ("gpt2", True, False), ("qwen3", False, False), ("qwen3", True, False),
     ("llama", True, True), ("qwen3", False, True)])
 def test_a_sequences_losses_and_gradients_do_not_depend_on_its_batch(family, sc, even):
-    model = _model(family, kv_rank=2)
+    model = _model(family)
     ids, mask, labels = _batch(even)
     assert even == (len(set((labels[:, 1:] != -100).sum(1).tolist())) == 1)
     g = torch.Generator().manual_seed(4)

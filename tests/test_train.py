@@ -233,17 +233,17 @@ def test_resume_from_another_recipe_is_refused(tmp_path, base_dir, data_file):
 
 
 def test_a_checkpoint_older_than_a_recipe_field_resumes_at_its_default(tmp_path, base_dir, data_file):
-    """A field added to a section since a checkpoint was written (l2d.latent_init, train.loraplus_lr_ratio)
+    """A field added to a section since a checkpoint was written (l2d.class_init_std, train.loraplus_lr_ratio)
     is missing from its saved recipe: it ran at the default, so a recipe at the default resumes."""
     recipe = recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "run"))
     old = recipe.to_dict()
-    del old["l2d"]["latent_init"], old["train"]["loraplus_lr_ratio"]
+    del old["l2d"]["class_init_std"], old["train"]["loraplus_lr_ratio"]
     fingerprint = {"model_type": "llama"}
     train_mod.check_resume({"recipe": old, "base": fingerprint}, recipe, fingerprint, tmp_path)
     with pytest.raises(TrainingError, match=r"another recipe.*l2d"):
         train_mod.check_resume({"recipe": old, "base": fingerprint},
                                recipe_from_dict(make_recipe(base_dir, data_file, tmp_path / "run"),
-                                                ["l2d.latent_init=pca"]), fingerprint, tmp_path)
+                                                ["l2d.class_init_std=0.5"]), fingerprint, tmp_path)
     # likewise a field added to a data source since (its list is compared entry by entry)
     del old["data"]["sources"][0]["cot"]
     train_mod.check_resume({"recipe": old, "base": fingerprint}, recipe, fingerprint, tmp_path)
