@@ -10,10 +10,15 @@ A checkpoint is a folder `checkpoints/step-000120/` holding
 
 It is written into a hidden temporary sibling folder and renamed into place, so a crash or a
 Ctrl-C mid-write never leaves a half checkpoint where `latest_checkpoint` would find it.
+
+Also here: :func:`check_resume` (a checkpoint resumes only under the recipe and base that wrote it)
+and :class:`MetricSinks` (the run folder's metrics.jsonl, tensorboard, wandb).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -23,6 +28,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .config import REMOVED_OPTIONS
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -145,3 +155,113 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint {path} is incomplete or corrupt ({e})") from e
     return weights, opt, state, rng, state.get("rng", {})
+
+
+# Recipe keys that must match for --resume (the rest, e.g. lr or micro_batch_size, may change).
+# The lr scales are stored in the optimizer's groups, which a resume restores: they must match too.
+_RESUME_KEYS = ("model.name_or_path", "model.revision", "method", "l2d", "lora", "mdm", "data",
+                "train.batch_size", "train.seed", "train.group_by_length", "train.epochs",
+                "train.head_lr_scale", "train.encoder_lr_scale", "train.loraplus_lr_ratio")
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a problem (non-finite loss, bad resume directory, too little data)."""
+
+
+def _resume_values(d: dict) -> dict:
+    """The values at :data:`_RESUME_KEYS` of a recipe dict (None where it has none)."""
+    out = {}
+    for key in _RESUME_KEYS:
+        node = d
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def _source_defaults() -> dict:
+    """Every :class:`l2d.data.DataSource` field but ``name`` at its default."""
+    from .data import DataSource
+
+    return {k: v for k, v in dataclasses.asdict(DataSource(name="")).items() if k != "name"}
+
+
+def _recipe_view(d: dict) -> dict:
+    """What must match for a resume. Keys a checkpoint's recipe predates (a field added to a section,
+    or to a data source, since) read as today's defaults, which the run used, so older checkpoints
+    still resume."""
+    out, saved = {}, _resume_values(d)
+    for key, default in _resume_values(Recipe().to_dict()).items():
+        value = saved[key]
+        if isinstance(value, dict) and isinstance(default, dict):
+            if key == "l2d":  # options removed since, at their old defaults (as every such run had them)
+                value = {k: v for k, v in value.items() if not (k in REMOVED_OPTIONS and v == REMOVED_OPTIONS[k])}
+            value = {**default, **value}
+        out[key] = default if value is None else value
+    sources = out["data"].get("sources")
+    if isinstance(sources, list):
+        out["data"] = {**out["data"], "sources": [{**_source_defaults(), **s} if isinstance(s, dict) else s
+                                                  for s in sources]}
+    if d.get("method") != "lora":
+        out.pop("lora")
+    if d.get("method") != "mdm":
+        out.pop("mdm")
+    return out
+
+
+def check_resume(saved_state: dict, recipe: Recipe, fingerprint: dict, where: Path) -> None:
+    """Raise when the checkpoint at `where` comes from another recipe or base model."""
+    saved, now = _recipe_view(saved_state.get("recipe", {})), _recipe_view(recipe.to_dict())
+    diffs = [f"{k}: checkpoint {json.dumps(saved.get(k))[:120]} vs recipe {json.dumps(now.get(k))[:120]}"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if saved_state.get("base") != fingerprint:
+        diffs.append(f"base model: checkpoint {saved_state.get('base')} vs now {fingerprint}")
+    if diffs:
+        raise TrainingError(f"cannot resume from {where}: it was written by another recipe or base model ("
+                            + "; ".join(diffs) + "). Resume with the recipe that wrote it, or start a new "
+                            "output_dir.")
+
+
+class MetricSinks:
+    """metrics.jsonl (always) plus tensorboard / wandb when installed and asked for."""
+
+    def __init__(self, output_dir: Path, recipe: Recipe, keep_until: int | None):
+        self.path = output_dir / METRICS_FILE
+        lines = []
+        if keep_until is not None and self.path.is_file():  # resume: drop what came after the checkpoint
+            lines = [ln for ln in self.path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+        self.tb = self.wandb = None
+        if "tensorboard" in recipe.train.report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                logger.warning("report_to tensorboard: tensorboard is not installed; logging to %s only", self.path)
+        if "wandb" in recipe.train.report_to:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="l2d", config=recipe.to_dict(), dir=str(output_dir),
+                                        resume="allow")
+            except ImportError:
+                logger.warning("report_to wandb: wandb is not installed; logging to %s only", self.path)
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

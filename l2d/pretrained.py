@@ -106,6 +106,16 @@ def _ensure_pad_token(tok) -> None:
         tok.pad_token = tok.eos_token
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype of a recipe's or a command line's ``float32`` | ``bfloat16`` | ``float16``."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):
     """Load SmolLM2-135M-Instruct offline; returns `(model, tokenizer)`, the model in eval mode.
 

@@ -18,8 +18,8 @@ Exactness, by construction:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -32,46 +32,23 @@ import torch
 from . import ds_engine
 from .baseline_loss import ResponseLoss, inner, inner_state_dict, is_response_loss, response_loss
 from .batching import Collator, length_grouped_batches
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_optimizer_tensors, \
-    save_checkpoint, set_rng_state
-from .config import REMOVED_OPTIONS
-from .data import IGNORE_INDEX, DataSource, build_dataset, null_class_label
+from .checkpoint import METRICS_FILE, MetricSinks, TrainingError, check_resume, latest_checkpoint, \
+    list_checkpoints, load_checkpoint, load_optimizer_tensors, save_checkpoint, set_rng_state  # noqa: F401
+from .config import IGNORE_INDEX
+from .data import build_dataset, null_class_label
+from .optim import PARTS, freeze_parts, is_up_projection, lr_at, lr_scales, optimizer_groups, part_of  # noqa: F401
+from .pretrained import dtype_named
 from .recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
-# Recipe keys that must match for --resume (the rest, e.g. lr or micro_batch_size, may change).
-# The lr scales are stored in the optimizer's groups, which a resume restores: they must match too.
-_RESUME_KEYS = ("model.name_or_path", "model.revision", "method", "l2d", "lora", "mdm", "data",
-                "train.batch_size", "train.seed", "train.group_by_length", "train.epochs",
-                "train.head_lr_scale", "train.encoder_lr_scale", "train.loraplus_lr_ratio")
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on a problem (non-finite loss, bad resume directory, too little data)."""
 
 
 # ------------------------------------------------------------------------------------- pieces
-def lr_at(step: int, total: int, t) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine/linear decay to min_lr."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.schedule == "constant":
-        return t.lr
-    progress = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
-    return t.min_lr + (t.lr - t.min_lr) * shape
-
-
 def micro_seed(seed: int, step: int, micro: int) -> int:
     """Seed of the random draws of micro-batch `micro` of step `step` (same on any process layout)."""
     return ((seed * 1_000_003 + step) * 1_009 + micro) % (2 ** 63)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_recipe_base(recipe: Recipe):
@@ -83,7 +60,7 @@ def load_recipe_base(recipe: Recipe):
     kw = {k: v for k, v in (("revision", m.revision), ("attn_implementation", m.attn_implementation)) if v}
     if m.trust_remote_code:
         kw["trust_remote_code"] = True
-    return load_base(m.name_or_path, dtype=_dtype(m.dtype), **kw)
+    return load_base(m.name_or_path, dtype=dtype_named(m.dtype), **kw)
 
 
 def build_model(recipe: Recipe, base, tokenizer=None):
@@ -122,70 +99,6 @@ def build_model(recipe: Recipe, base, tokenizer=None):
     return model.train()
 
 
-# Groups of path parameters that train at their own rate (names as in L2DModel.named_parameters).
-PARTS = {
-    "heads": (".adaln.", "path.merge.", "path.conditioning."),  # see only t and the class
-    "encoder": ("path.encoder.", "path.latent."),                # read the noisy latent x_t and z_hat
-}
-
-
-def part_of(name: str) -> str:
-    """``heads``, ``encoder`` or ``deltas`` (everything else: low-rank or full deltas, k/v deltas)."""
-    for part, keys in PARTS.items():
-        if any(k in name for k in keys):
-            return part
-    return "deltas"
-
-
-def lr_scales(recipe: Recipe) -> dict:
-    """Learning-rate multiplier per part (all 1 for the baselines)."""
-    t = recipe.train
-    if recipe.method != "l2d":
-        return {"deltas": 1.0}
-    return {"heads": t.head_lr_scale, "encoder": t.encoder_lr_scale, "deltas": 1.0}
-
-
-def freeze_parts(model, parts) -> None:
-    """Stop training the named parts (a part whose lr scale is 0)."""
-    for name, p in model.named_parameters():
-        if part_of(name) in parts:
-            p.requires_grad_(False)
-
-
-def is_up_projection(name: str) -> bool:
-    """The ``B`` of a low-rank delta ``B A x``: l2d's (``...B``) or peft's (``...lora_B...``)."""
-    return name.endswith(".B") or ".lora_B." in name
-
-
-def optimizer_groups(model, recipe: Recipe) -> list[dict]:
-    """AdamW groups: no weight decay on vectors; for l2d, each part at its own rate (:func:`lr_scales`);
-    the ``B`` of every low-rank delta at ``train.loraplus_lr_ratio`` times its part's rate.
-
-    The heads (per-block adaLN, merge, time MLP, class embedding) see only ``t`` and the class.
-    AdamW moves every weight by about ``lr`` per step whatever the gradient's size, so a head's
-    output (fan-in ``cond_dim``, inputs of order one) can move by about ``lr * cond_dim`` per
-    step, for every token alike: the heads learn a bias towards frequent answers long before the
-    deltas learn to read the context (benchmarks/README.md, "Sample efficiency"). A smaller rate,
-    or 0 (frozen, see ``build_model``), keeps them from doing so.
-
-    LoRA+: with ``B = 0`` at init a delta ``B A x`` grows only as fast as ``B`` learns, while ``A``
-    (random, wide) barely needs to move; a higher rate for ``B`` learns features faster.
-    """
-    t = recipe.train
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scales = lr_scales(recipe)
-    split_up = t.loraplus_lr_ratio != 1  # (one rate: the groups of earlier checkpoints, which still resume)
-    buckets = {}  # (part, is B, decayed) -> params
-    for n, p in named:
-        part = part_of(n) if recipe.method == "l2d" else "deltas"
-        buckets.setdefault((part, split_up and is_up_projection(n), p.dim() >= 2), []).append(p)
-    order = list(scales)  # groups in a fixed order: part, then A before B, then decayed first
-    return [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
-             "lr_scale": scales[part] * (t.loraplus_lr_ratio if up else 1.0)}
-            for (part, up, decay), ps in sorted(buckets.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1],
-                                                                                   not kv[0][2]))]
-
-
 def full_shape(p: torch.Tensor) -> torch.Size:
     """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then empty)."""
     return getattr(p, "ds_shape", p.shape)
@@ -218,102 +131,6 @@ def batch_loss(model, method: str, batch: dict) -> tuple[torch.Tensor, int]:
     return (model(*args) if is_response_loss(model) else response_loss(model, *args)), n
 
 
-def _resume_values(d: dict) -> dict:
-    """The values at :data:`_RESUME_KEYS` of a recipe dict (None where it has none)."""
-    out = {}
-    for key in _RESUME_KEYS:
-        node = d
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out[key] = node
-    return out
-
-
-def _source_defaults() -> dict:
-    """Every :class:`l2d.data.DataSource` field but ``name`` at its default."""
-    return {k: v for k, v in dataclasses.asdict(DataSource(name="")).items() if k != "name"}
-
-
-def _recipe_view(d: dict) -> dict:
-    """What must match for a resume. Keys a checkpoint's recipe predates (a field added to a section,
-    or to a data source, since) read as today's defaults, which the run used, so older checkpoints
-    still resume."""
-    out, saved = {}, _resume_values(d)
-    for key, default in _resume_values(Recipe().to_dict()).items():
-        value = saved[key]
-        if isinstance(value, dict) and isinstance(default, dict):
-            if key == "l2d":  # options removed since, at their old defaults (as every such run had them)
-                value = {k: v for k, v in value.items() if not (k in REMOVED_OPTIONS and v == REMOVED_OPTIONS[k])}
-            value = {**default, **value}
-        out[key] = default if value is None else value
-    sources = out["data"].get("sources")
-    if isinstance(sources, list):
-        out["data"] = {**out["data"], "sources": [{**_source_defaults(), **s} if isinstance(s, dict) else s
-                                                  for s in sources]}
-    if d.get("method") != "lora":
-        out.pop("lora")
-    if d.get("method") != "mdm":
-        out.pop("mdm")
-    return out
-
-
-def check_resume(saved_state: dict, recipe: Recipe, fingerprint: dict, where: Path) -> None:
-    """Raise when the checkpoint at `where` comes from another recipe or base model."""
-    saved, now = _recipe_view(saved_state.get("recipe", {})), _recipe_view(recipe.to_dict())
-    diffs = [f"{k}: checkpoint {json.dumps(saved.get(k))[:120]} vs recipe {json.dumps(now.get(k))[:120]}"
-             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if saved_state.get("base") != fingerprint:
-        diffs.append(f"base model: checkpoint {saved_state.get('base')} vs now {fingerprint}")
-    if diffs:
-        raise TrainingError(f"cannot resume from {where}: it was written by another recipe or base model ("
-                            + "; ".join(diffs) + "). Resume with the recipe that wrote it, or start a new "
-                            "output_dir.")
-
-
-class MetricSinks:
-    """metrics.jsonl (always) plus tensorboard / wandb when installed and asked for."""
-
-    def __init__(self, output_dir: Path, recipe: Recipe, keep_until: int | None):
-        self.path = output_dir / METRICS_FILE
-        lines = []
-        if keep_until is not None and self.path.is_file():  # resume: drop what came after the checkpoint
-            lines = [ln for ln in self.path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
-        self.tb = self.wandb = None
-        if "tensorboard" in recipe.train.report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except ImportError:
-                logger.warning("report_to tensorboard: tensorboard is not installed; logging to %s only", self.path)
-        if "wandb" in recipe.train.report_to:
-            try:
-                import wandb
-
-                self.wandb = wandb.init(project="l2d", config=recipe.to_dict(), dir=str(output_dir),
-                                        resume="allow")
-            except ImportError:
-                logger.warning("report_to wandb: wandb is not installed; logging to %s only", self.path)
-
-    def log(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"train/{k}", v, row["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 # ------------------------------------------------------------------------------------- train
 def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = None,
           overwrite: bool = False) -> dict:
@@ -323,94 +140,125 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
     after that many optimizer steps in this invocation, saving a checkpoint (a step budget that
     does not change the schedule). Ctrl-C saves a checkpoint too.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    run = TrainingRun(recipe)
+    ckpt = run.open_output_dir(resume, overwrite)
+    run.build(ckpt)
+    stopped = run.loop(stop_after)
+    run.finish(stopped)
+    return {"steps": run.step, "loss": run.last_loss, "output_dir": str(run.out_dir), "stopped": stopped,
+            "trainable_parameters": run.n_trainable, "examples": len(run.lengths), "data_reports": run.reports}
 
-    t = recipe.train
-    # Several processes and no GPU (torchrun on a CPU machine): accelerate wants cpu=True for gloo DDP
-    # (with cpu=True it would also ignore a DeepSpeed launch, which runs on gloo by itself).
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() \
-        and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu_ddp)
-    P, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if t.batch_size % (t.micro_batch_size * P):
-        raise RecipeError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-                          f"({t.micro_batch_size}) x processes ({P})")
-    accum = t.batch_size // (t.micro_batch_size * P)
-    sharded_state = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if recipe.method == "l2d" and accelerator.distributed_type == DistributedType.DEEPSPEED \
-            and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise TrainingError("method l2d cannot run under DeepSpeed ZeRO-3: the diffusion path reads the frozen "
-                            "layers' weights directly. Use recipes/accelerate/zero2.yaml or fsdp2.yaml.")
 
-    out_dir = Path(t.output_dir)
-    ckpt = None
-    if resume:
-        ckpt = latest_checkpoint(resume)
-        if ckpt is None:
-            raise TrainingError(f"--resume {resume}: no checkpoint there (expected {resume}/checkpoints/step-*/)")
-    elif list_checkpoints(out_dir) and not overwrite:
-        raise TrainingError(f"{out_dir} already holds checkpoints of a run: pass --resume {out_dir} to continue "
-                            "it, --overwrite to start over, or set train.output_dir to a new folder.")
-    if main:
-        if overwrite and not resume and out_dir.exists():
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+class TrainingRun:
+    """One run of :func:`train`, step by step: the accelerator and the output folder, then the base,
+    the data, the model and its optimizer (restored from a checkpoint on resume), then the loop of
+    optimizer steps, each over its global batch, and the final save."""
 
-    # --- base, data, model -------------------------------------------------------------------
-    set_seed(t.seed)
-    base, tokenizer = load_recipe_base(recipe)
-    categories = tuple(recipe.l2d.class_names)
-    with accelerator.main_process_first():
-        dataset, reports = build_dataset(recipe.data.sources, tokenizer, max_length=recipe.data.max_length,
-                                         categories=categories, chat_template=recipe.data.chat_template,
-                                         system_prompt=recipe.data.system_prompt)
-    vocab = full_shape(base.get_input_embeddings().weight)[0]
-    if len(tokenizer) > vocab:
-        logger.warning("tokenizer has %d tokens, the model %d rows; ids are checked per batch", len(tokenizer), vocab)
-    if len(dataset) < t.batch_size:
-        raise TrainingError(f"the data has {len(dataset)} usable examples, fewer than one global batch "
-                            f"(train.batch_size = {t.batch_size})")
-    lengths = list(dataset["length"])
-    examples = dataset.select_columns(["input_ids", "labels", "class_label"])
-    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                       null_label=null_class_label(categories))
+    def __init__(self, recipe: Recipe):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
-    model = build_model(recipe, base, tokenizer)
-    fingerprint = base_fingerprint(base)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(optimizer_groups(model, recipe), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-    n_trainable = sum(p.numel() for p in params)
-    if ds_engine.is_deepspeed(accelerator):
-        ds_engine.configure(accelerator, t)
-    if recipe.method in ("lora", "full"):  # the baseline's loss runs inside the distributed wrapper's forward
-        model = ResponseLoss(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = inner(accelerator.unwrap_model(model))  # the L2D model or the baseline: names, saving
+        self.recipe = recipe
+        cfg = self.cfg = recipe.train
+        # Several processes and no GPU (torchrun on a CPU machine): accelerate wants cpu=True for gloo DDP
+        # (with cpu=True it would also ignore a DeepSpeed launch, which runs on gloo by itself).
+        cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() \
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+        accelerator = self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
+        self.P, self.rank, self.main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+        if cfg.batch_size % (cfg.micro_batch_size * self.P):
+            raise RecipeError(f"train.batch_size ({cfg.batch_size}) must be a multiple of train.micro_batch_size "
+                              f"({cfg.micro_batch_size}) x processes ({self.P})")
+        self.accum = cfg.batch_size // (cfg.micro_batch_size * self.P)
+        self.sharded_state = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if recipe.method == "l2d" and accelerator.distributed_type == DistributedType.DEEPSPEED \
+                and accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise TrainingError("method l2d cannot run under DeepSpeed ZeRO-3: the diffusion path reads the frozen "
+                                "layers' weights directly. Use recipes/accelerate/zero2.yaml or fsdp2.yaml.")
+        self.out_dir = Path(cfg.output_dir)
+        self.step, self.last_loss, self.sinks = 0, None, None
 
-    def batches_of_epoch(epoch: int) -> list[list[int]]:
-        if t.group_by_length:
-            return length_grouped_batches(lengths, t.batch_size, seed=t.seed + epoch, drop_last=True)
-        g = torch.Generator().manual_seed(t.seed + epoch)
-        order = torch.randperm(len(lengths), generator=g).tolist()
-        return [order[i:i + t.batch_size] for i in range(0, len(order) - t.batch_size + 1, t.batch_size)]
+    def open_output_dir(self, resume: str | None, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from (None: a fresh run); refuses to write over another run."""
+        out_dir, ckpt = self.out_dir, None
+        if resume:
+            ckpt = latest_checkpoint(resume)
+            if ckpt is None:
+                raise TrainingError(f"--resume {resume}: no checkpoint there (expected {resume}/checkpoints/step-*/)")
+        elif list_checkpoints(out_dir) and not overwrite:
+            raise TrainingError(f"{out_dir} already holds checkpoints of a run: pass --resume {out_dir} to continue "
+                                "it, --overwrite to start over, or set train.output_dir to a new folder.")
+        if self.main:
+            if overwrite and not resume and out_dir.exists():
+                shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / RECIPE_FILE).write_text(self.recipe.to_yaml())
+        return ckpt
 
-    steps_per_epoch = len(batches_of_epoch(0))
-    total_steps = t.max_steps or steps_per_epoch * t.epochs
+    def build(self, ckpt: Path | None) -> None:
+        """Base, data, model and optimizer (wrapped by accelerate), then the checkpoint's state if any."""
+        from accelerate.utils import set_seed
 
-    # --- resume ----------------------------------------------------------------------------------
-    start = 0
-    if ckpt is not None:
+        recipe, cfg, accelerator = self.recipe, self.cfg, self.accelerator
+        set_seed(cfg.seed)
+        base, self.tokenizer = load_recipe_base(recipe)
+        self._load_data(base)
+        model = build_model(recipe, base, self.tokenizer)
+        self.fingerprint = base_fingerprint(base)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(optimizer_groups(model, recipe), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        self.n_trainable = sum(p.numel() for p in self.params)
+        if ds_engine.is_deepspeed(accelerator):
+            ds_engine.configure(accelerator, cfg)
+        if recipe.method in ("lora", "full"):  # the baseline's loss runs inside the distributed wrapper's forward
+            model = ResponseLoss(model)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.unwrapped = inner(accelerator.unwrap_model(self.model))  # the L2D model or the baseline: names, saving
+        self.steps_per_epoch = len(self.batches_of_epoch(0))
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        self.start = 0 if ckpt is None else self._resume_from(ckpt)
+        if self.main:
+            self.sinks = MetricSinks(self.out_dir, recipe, keep_until=self.start if ckpt is not None else None)
+
+    def _load_data(self, base) -> None:
+        recipe, cfg = self.recipe, self.cfg
+        tokenizer = self.tokenizer
+        categories = tuple(recipe.l2d.class_names)
+        with self.accelerator.main_process_first():
+            dataset, self.reports = build_dataset(recipe.data.sources, tokenizer, max_length=recipe.data.max_length,
+                                                  categories=categories, chat_template=recipe.data.chat_template,
+                                                  system_prompt=recipe.data.system_prompt)
+        vocab = full_shape(base.get_input_embeddings().weight)[0]
+        if len(tokenizer) > vocab:
+            logger.warning("tokenizer has %d tokens, the model %d rows; ids are checked per batch", len(tokenizer),
+                           vocab)
+        if len(dataset) < cfg.batch_size:
+            raise TrainingError(f"the data has {len(dataset)} usable examples, fewer than one global batch "
+                                f"(train.batch_size = {cfg.batch_size})")
+        self.lengths = list(dataset["length"])
+        self.examples = dataset.select_columns(["input_ids", "labels", "class_label"])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.collate = Collator(pad, null_label=null_class_label(categories))
+
+    def batches_of_epoch(self, epoch: int) -> list[list[int]]:
+        cfg = self.cfg
+        if cfg.group_by_length:
+            return length_grouped_batches(self.lengths, cfg.batch_size, seed=cfg.seed + epoch, drop_last=True)
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        return [order[i:i + cfg.batch_size] for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
+
+    def _resume_from(self, ckpt: Path) -> int:
+        """Restore weights, optimizer and RNG state from `ckpt`; returns its step."""
         weights, opt_tensors, state, rng_tensors, rng_extra = load_checkpoint(ckpt)
-        check_resume(state, recipe, fingerprint, ckpt)
-        named = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-        if sharded_state:
+        check_resume(state, self.recipe, self.fingerprint, ckpt)
+        named = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        if self.sharded_state:
             if not (ckpt / "accelerate_state").is_dir():
                 raise TrainingError(f"{ckpt} has no finished accelerate_state (the sharded optimizer state): the "
                                     "run stopped while writing it. Delete that checkpoint folder to resume from "
                                     "the one before, or resume from a run saved without FSDP/DeepSpeed.")
-            accelerator.load_state(str(ckpt / "accelerate_state"))
+            self.accelerator.load_state(str(ckpt / "accelerate_state"))
         else:
             if set(named) != set(weights):
                 raise TrainingError(f"{ckpt}: trainable weights do not match the model "
@@ -419,164 +267,184 @@ def train(recipe: Recipe, resume: str | None = None, stop_after: int | None = No
             with torch.no_grad():
                 for n, p in named.items():
                     p.copy_(weights[n])
+            optimizer = self.optimizer
             load_optimizer_tensors(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                    opt_tensors, state["optimizer"])
         set_rng_state(rng_tensors, rng_extra)
-        start = state["step"]
-        if main:
-            logger.info("resumed from %s at step %d", ckpt, start)
-    sinks = MetricSinks(out_dir, recipe, keep_until=start if ckpt is not None else None) if main else None
+        if self.main:
+            logger.info("resumed from %s at step %d", ckpt, state["step"])
+        return state["step"]
 
-    def save(step: int) -> Path | None:
-        state = {"recipe": recipe.to_dict(), "base": fingerprint, "total_steps": total_steps,
-                 "data": {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-                          "steps_per_epoch": steps_per_epoch, "examples": len(lengths)},
-                 "schedule": {"kind": t.schedule, "lr": t.lr, "min_lr": t.min_lr, "warmup_steps": t.warmup_steps}}
+    def save(self, step: int) -> Path | None:
+        """A checkpoint of `step` (every process writes its shard of a sharded optimizer state)."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        state = {"recipe": self.recipe.to_dict(), "base": self.fingerprint, "total_steps": self.total_steps,
+                 "data": {"epoch": step // spe, "batch_in_epoch": step % spe,
+                          "steps_per_epoch": spe, "examples": len(self.lengths)},
+                 "schedule": {"kind": cfg.schedule, "lr": cfg.lr, "min_lr": cfg.min_lr,
+                              "warmup_steps": cfg.warmup_steps}}
         path = None
-        if main:
-            weights = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-            opt = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
-            path = save_checkpoint(out_dir, step, {} if sharded_state else weights,
-                                   None if sharded_state else opt, state, t.keep_last)
-        if sharded_state:  # FSDP / DeepSpeed shard the optimizer: every process writes its part,
+        if self.main:
+            weights = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+            opt = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+            path = save_checkpoint(self.out_dir, step, {} if self.sharded_state else weights,
+                                   None if self.sharded_state else opt, state, cfg.keep_last)
+        if self.sharded_state:  # FSDP / DeepSpeed shard the optimizer: every process writes its part,
             # into a temporary folder that the main process renames once all parts are written
+            accelerator = self.accelerator
             accelerator.wait_for_everyone()
-            final = out_dir / "checkpoints" / f"step-{step:06d}" / "accelerate_state"
+            final = self.out_dir / "checkpoints" / f"step-{step:06d}" / "accelerate_state"
             tmp = final.with_name("accelerate_state.tmp")
             accelerator.save_state(str(tmp))
             accelerator.wait_for_everyone()
-            if main:
+            if self.main:
                 if final.exists():
                     shutil.rmtree(final)
                 os.rename(tmp, final)
             accelerator.wait_for_everyone()
         return path
 
-    # --- loop ------------------------------------------------------------------------------------
-    if main:
-        logger.info("method %s: %s trainable parameters; %d examples, %d steps of %d sequences "
-                    "(%d process(es) x %d accumulation x %d)", recipe.method, f"{n_trainable:,d}", len(lengths),
-                    total_steps, t.batch_size, P, accum, t.micro_batch_size)
-    from tqdm.auto import tqdm
+    def loop(self, stop_after: int | None) -> str | None:
+        """Optimizer steps up to the total (or `stop_after` of them); returns why it stopped early, if it did."""
+        cfg, recipe = self.cfg, self.recipe
+        if self.main:
+            logger.info("method %s: %s trainable parameters; %d examples, %d steps of %d sequences "
+                        "(%d process(es) x %d accumulation x %d)", recipe.method, f"{self.n_trainable:,d}",
+                        len(self.lengths), self.total_steps, cfg.batch_size, self.P, self.accum, cfg.micro_batch_size)
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start, disable=not (main and t.progress_bar), desc=f"l2d train ({recipe.method})",
-               dynamic_ncols=True)
-    model.train()
-    epoch_cache: dict[int, list] = {}
-    step, last_loss, stopped, t_start = start, None, None, time.perf_counter()
-    try:
-        while step < total_steps:
-            if stop_after is not None and step - start >= stop_after:
-                stopped = "step budget"
-                break
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = batches_of_epoch(epoch)
-            global_batch = epoch_cache[epoch][index]
-            t0 = time.perf_counter()
-            micro = []
-            for a in range(accum):
-                g = a * P + rank
-                idx = global_batch[g * t.micro_batch_size:(g + 1) * t.micro_batch_size]
-                rows = examples[idx]
-                feats = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
-                micro.append((g, {k: v.to(accelerator.device) for k, v in collate(feats).items()}))
-            counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in micro),
-                                   sum(int(b["attention_mask"].sum()) for _, b in micro)],
-                                  dtype=torch.float64, device=accelerator.device)
-            n_sup, n_tok = accelerator.reduce(counts, "sum").tolist() if P > 1 else counts.tolist()
-            # Set before the first backward: DeepSpeed's engine steps inside the last one.
-            lr = lr_at(step, total_steps, t)
-            if recipe.method == "mdm":  # the annealed attention's step
-                unwrapped.training_step = step
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-            for a, (g, batch) in enumerate(micro):
-                torch.manual_seed(micro_seed(t.seed, step, g))
-                sync = a == accum - 1 or P == 1
-                with (accelerator.no_sync(model) if not sync else _null()):
-                    try:
-                        loss, _ = batch_loss(model, recipe.method, batch)
-                        bad = not torch.isfinite(loss).item()
-                    except FloatingPointError:
-                        loss, bad = None, True
-                    if P > 1:
-                        bad = bool(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum") > 0)
-                    if bad:
-                        raise _NonFinite(step + 1)
-                    ds_engine.backward(accelerator, model, loss * (P / n_sup), boundary=sync)
-                loss_sum += loss.detach().double()
-            grad_norm = accelerator.clip_grad_norm_(params if not sharded_state else model.parameters(),
-                                                    t.grad_clip if t.grad_clip > 0 else float("inf"))
-            if grad_norm is not None:  # DeepSpeed: the norm its engine clipped by, after its step
-                grad_norm = float(grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise _NonFinite(step + 1, what="gradient norm")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            total = accelerator.reduce(loss_sum, "sum") if P > 1 else loss_sum
-            last_loss = float(total) / n_sup
-            dt = time.perf_counter() - t0
-            if main:
-                row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tok),
-                       "supervised_tokens": int(n_sup), "tokens_per_s": n_tok / dt, "step_time_s": dt,
-                       "epoch": step / steps_per_epoch, "elapsed_s": time.perf_counter() - t_start}
-                if torch.cuda.is_available():
-                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                if step % t.log_every == 0 or step == total_steps:
-                    sinks.log(row)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:,.0f}")
-                bar.update(1)
-            if t.save_every and step % t.save_every == 0 and step < total_steps:
-                save(step)
-    except _NonFinite as e:
+        self.bar = tqdm(total=self.total_steps, initial=self.start, disable=not (self.main and cfg.progress_bar),
+                        desc=f"l2d train ({recipe.method})", dynamic_ncols=True)
+        self.model.train()
+        epoch_cache: dict[int, list] = {}
+        self.step, stopped, self.t_start = self.start, None, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                if stop_after is not None and self.step - self.start >= stop_after:
+                    stopped = "step budget"
+                    break
+                epoch, index = divmod(self.step, self.steps_per_epoch)
+                if epoch not in epoch_cache:
+                    epoch_cache.clear()
+                    epoch_cache[epoch] = self.batches_of_epoch(epoch)
+                self.optimizer_step(epoch_cache[epoch][index])
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save(self.step)
+        except _NonFinite as e:
+            self._stop_on_non_finite(e)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        self.bar.close()
+        return stopped
+
+    def micro_batches(self, global_batch: list[int]):
+        """This process's micro-batches of the global batch, `(index in the global batch, tensors)`, and
+        the supervised and total token counts of the whole global batch (all processes)."""
+        accelerator, size = self.accelerator, self.cfg.micro_batch_size
+        micro = []
+        for a in range(self.accum):
+            g = a * self.P + self.rank
+            rows = self.examples[global_batch[g * size:(g + 1) * size]]
+            feats = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+            micro.append((g, {k: v.to(accelerator.device) for k, v in self.collate(feats).items()}))
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in micro),
+                               sum(int(b["attention_mask"].sum()) for _, b in micro)],
+                              dtype=torch.float64, device=accelerator.device)
+        n_sup, n_tok = accelerator.reduce(counts, "sum").tolist() if self.P > 1 else counts.tolist()
+        return micro, n_sup, n_tok
+
+    def optimizer_step(self, global_batch: list[int]) -> None:
+        """One optimizer step over `global_batch`: the summed loss of each micro-batch divided by the
+        global supervised token count, backward, clip, step; then the metrics row."""
+        cfg, accelerator, P, step = self.cfg, self.accelerator, self.P, self.step
+        t0 = time.perf_counter()
+        micro, n_sup, n_tok = self.micro_batches(global_batch)
+        # Set before the first backward: DeepSpeed's engine steps inside the last one.
+        lr = lr_at(step, self.total_steps, cfg)
+        if self.recipe.method == "mdm":  # the annealed attention's step
+            self.unwrapped.training_step = step
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for a, (g, batch) in enumerate(micro):
+            torch.manual_seed(micro_seed(cfg.seed, step, g))
+            sync = a == self.accum - 1 or P == 1
+            with (accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()):
+                try:
+                    loss, _ = batch_loss(self.model, self.recipe.method, batch)
+                    bad = not torch.isfinite(loss).item()
+                except FloatingPointError:
+                    loss, bad = None, True
+                if P > 1:
+                    bad = bool(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum") > 0)
+                if bad:
+                    raise _NonFinite(step + 1)
+                ds_engine.backward(accelerator, self.model, loss * (P / n_sup), boundary=sync)
+            loss_sum += loss.detach().double()
+        grad_norm = accelerator.clip_grad_norm_(self.params if not self.sharded_state else self.model.parameters(),
+                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if grad_norm is not None:  # DeepSpeed: the norm its engine clipped by, after its step
+            grad_norm = float(grad_norm)
+            if not math.isfinite(grad_norm):
+                raise _NonFinite(step + 1, what="gradient norm")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        total = accelerator.reduce(loss_sum, "sum") if P > 1 else loss_sum
+        self.last_loss = float(total) / n_sup
+        self._log(lr, grad_norm, n_sup, n_tok, time.perf_counter() - t0)
+
+    def _log(self, lr: float, grad_norm, n_sup: float, n_tok: float, dt: float) -> None:
+        if not self.main:
+            return
+        step = self.step
+        row = {"step": step, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tok),
+               "supervised_tokens": int(n_sup), "tokens_per_s": n_tok / dt, "step_time_s": dt,
+               "epoch": step / self.steps_per_epoch, "elapsed_s": time.perf_counter() - self.t_start}
+        if torch.cuda.is_available():
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            self.sinks.log(row)
+        self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:,.0f}")
+        self.bar.update(1)
+
+    def _stop_on_non_finite(self, e: "_NonFinite") -> None:
         # DeepSpeed's engine reports its gradient norm after it stepped: the live weights are no longer
         # the last good state, so the newest checkpoint is.
-        stepped = e.what == "gradient norm" and ds_engine.is_deepspeed(accelerator)
-        path = None if stepped else save(step)
-        bar.close()
-        good = "the newest checkpoint" if stepped else f"after step {step}"
-        raise TrainingError(f"non-finite {e.what} at step {e.step} (the {recipe.method} run stopped; the last "
-                            f"good state, {good}, is saved in {path or out_dir / 'checkpoints'}). "
+        stepped = e.what == "gradient norm" and ds_engine.is_deepspeed(self.accelerator)
+        path = None if stepped else self.save(self.step)
+        self.bar.close()
+        good = "the newest checkpoint" if stepped else f"after step {self.step}"
+        raise TrainingError(f"non-finite {e.what} at step {e.step} (the {self.recipe.method} run stopped; the last "
+                            f"good state, {good}, is saved in {path or self.out_dir / 'checkpoints'}). "
                             "Lower train.lr, check the data, or use bf16 instead of fp16.") from None
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    bar.close()
-    if stopped:
-        path = save(step)
-        if main:
-            print(f"{'Interrupted' if stopped == 'interrupted' else 'Stopped'} after step {step}; checkpoint "
-                  f"saved to {path}. Continue with --resume {out_dir}.", flush=True)
-    else:
-        accelerator.wait_for_everyone()
-        save(step)  # the final state, so --resume with a larger max_steps can extend the run
-        # FSDP / DeepSpeed shard the weights: gather them (a collective, so every process calls it)
-        gathered = {"state_dict": inner_state_dict(accelerator.get_state_dict(model))} if sharded_state else {}
-        if main:
-            unwrapped.save_pretrained(str(out_dir), **gathered)
-            if recipe.method in ("full", "mdm"):  # mdm: the tokenizer may hold an added [MASK]
-                tokenizer.save_pretrained(str(out_dir))
-            (out_dir / RECIPE_FILE).write_text(recipe.to_yaml())
-            print(f"Saved the {recipe.method} weights and the recipe to {out_dir}", flush=True)
-    if sinks is not None:
-        sinks.close()
-    accelerator.wait_for_everyone()  # every process returns once the main one has written everything
-    return {"steps": step, "loss": last_loss, "output_dir": str(out_dir), "stopped": stopped,
-            "trainable_parameters": n_trainable, "examples": len(lengths), "data_reports": reports}
+
+    def finish(self, stopped: str | None) -> None:
+        """A checkpoint when stopped early; else the final state, the weights and the recipe."""
+        accelerator, out_dir, step = self.accelerator, self.out_dir, self.step
+        if stopped:
+            path = self.save(step)
+            if self.main:
+                print(f"{'Interrupted' if stopped == 'interrupted' else 'Stopped'} after step {step}; checkpoint "
+                      f"saved to {path}. Continue with --resume {out_dir}.", flush=True)
+        else:
+            accelerator.wait_for_everyone()
+            self.save(step)  # the final state, so --resume with a larger max_steps can extend the run
+            # FSDP / DeepSpeed shard the weights: gather them (a collective, so every process calls it)
+            gathered = ({"state_dict": inner_state_dict(accelerator.get_state_dict(self.model))}
+                        if self.sharded_state else {})
+            if self.main:
+                self.unwrapped.save_pretrained(str(out_dir), **gathered)
+                if self.recipe.method in ("full", "mdm"):  # mdm: the tokenizer may hold an added [MASK]
+                    self.tokenizer.save_pretrained(str(out_dir))
+                (out_dir / RECIPE_FILE).write_text(self.recipe.to_yaml())
+                print(f"Saved the {self.recipe.method} weights and the recipe to {out_dir}", flush=True)
+        if self.sinks is not None:
+            self.sinks.close()
+        accelerator.wait_for_everyone()  # every process returns once the main one has written everything
 
 
 class _NonFinite(Exception):
     def __init__(self, step: int, what: str = "loss"):
         super().__init__(f"non-finite {what} at step {step}")
         self.step, self.what = step, what
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -82,15 +82,12 @@ def check_task(name: str) -> None:
 
 def load_for_eval(adapter: str, base: str | None = None, dtype: str = "float32"):
     """(model, tokenizer, kind) ready for :func:`l2d.eval.runner.evaluate`."""
-    import torch
-
-    from ..pretrained import load_base
+    from ..pretrained import DTYPES, dtype_named, load_base
 
     kind = adapter_kind(adapter)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"unknown dtype {dtype!r}; use --dtype {', '.join(dtypes)}.")
-    torch_dtype = dtypes[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use --dtype {', '.join(DTYPES)}.")
+    torch_dtype = dtype_named(dtype)
     if kind == "mdm":
         from ..mdm.model import load_for_eval as load_mdm
 
