@@ -128,20 +128,15 @@ def bench_modulated_norm(shapes, kinds, dtype, compile_ref, copy_bw):
 
 def bench_latent(copy_bw, shapes=((128256, 256), (32768, 256))):
     import l2d_kernels
-    from l2d_kernels.reference import latent_normalize_ref, noise_latent_ref
+    from l2d_kernels.reference import latent_normalize_ref
 
     rows = []
     for n, d in shapes:
         u = torch.randn(n, d, device=DEVICE, requires_grad=True)
-        t = torch.rand(n, device=DEVICE)
-        noise = torch.randn(n, d, device=DEVICE)
         grad = torch.randn(n, d, device=DEVICE)
         cases = {
             # fwd reads u, writes z; bwd reads u, dz, writes du (float32)
             "latent_normalize": (lambda: l2d_kernels.latent_normalize(u), lambda: latent_normalize_ref(u), 20),
-            # fwd reads z, noise, writes x_t; bwd reads dx_t, writes dz
-            "noise_latent": (lambda: l2d_kernels.noise_latent(u, t, noise, 64.0),
-                             lambda: noise_latent_ref(u, t, noise, 64.0), 20),
         }
         for name, (fast, eager, per_elem) in cases.items():
             with l2d_kernels.use_backend("triton"):

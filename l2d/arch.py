@@ -220,20 +220,22 @@ class ArchAdapter:
         name = getattr(self.spec, which)
         return None if name is None else getattr(self.layers[i], name)
 
-    def head_dims(self, i: int) -> tuple[int, int]:
-        """(number of query heads, head_dim)."""
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        """(number of query heads, head_dim), the same in every layer."""
         cfg = self.config
         n_heads = cfg.num_attention_heads
         head_dim = self.spec.head_dim or getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         return n_heads, head_dim
 
-    def kv_dims(self, i: int) -> tuple[int, int]:
-        """(number of key/value heads, head_dim)."""
-        n_heads, head_dim = self.head_dims(i)
+    @property
+    def kv_dims(self) -> tuple[int, int]:
+        """(number of key/value heads, head_dim), the same in every layer."""
+        n_heads, head_dim = self.head_dims
         return self.spec.kv_heads or getattr(self.config, "num_key_value_heads", None) or n_heads, head_dim
 
     def q_in_out(self, i: int) -> tuple[int, int]:
-        n_heads, head_dim = self.head_dims(i)
+        n_heads, head_dim = self.head_dims
         return self.hidden_size, n_heads * head_dim
 
     def o_module(self, i: int) -> nn.Module:
@@ -248,7 +250,7 @@ class ArchAdapter:
         layout = self.spec.q_layout
         if layout == "separate":
             return attn.q_proj(x)
-        n_heads, head_dim = self.head_dims(i)
+        n_heads, head_dim = self.head_dims
         q_size = n_heads * head_dim
         if layout == "phi3":  # rows [q | k | v]
             w, b = self.q_module(i).weight, self.q_module(i).bias
@@ -263,7 +265,7 @@ class ArchAdapter:
             return F.linear(x, wq, bq)
         if layout == "grouped":  # per key/value group: [q of its heads | k | v]
             w, b = self.q_module(i).weight, self.q_module(i).bias
-            kv_heads = self.kv_dims(i)[0]
+            kv_heads = self.kv_dims[0]
             per = n_heads // kv_heads
             wq = w.view(kv_heads, per + 2, head_dim, -1)[:, :per].reshape(q_size, -1)
             bq = None if b is None else b.view(kv_heads, per + 2, head_dim)[:, :per].reshape(q_size)
@@ -280,7 +282,7 @@ class ArchAdapter:
         layout = self.spec.q_layout
         if layout == "separate":
             return out + dq
-        n_heads, head_dim = self.head_dims(i)
+        n_heads, head_dim = self.head_dims
         if layout in ("phi3", "gpt2"):  # [q | k | v] along the last dimension
             q_size = n_heads * head_dim
             return torch.cat([out[..., :q_size] + dq, out[..., q_size:]], dim=-1)
@@ -289,7 +291,7 @@ class ArchAdapter:
             dq = dq.view(*dq.shape[:-1], n_heads, 1, head_dim)
             return torch.cat([per_head[..., :1, :] + dq, per_head[..., 1:, :]], dim=-2).view(out.shape)
         if layout == "grouped":  # [q_g.. | k_g | v_g] for each key/value group g
-            kv_heads = self.kv_dims(i)[0]
+            kv_heads = self.kv_dims[0]
             per = n_heads // kv_heads
             groups = out.view(*out.shape[:-1], kv_heads, per + 2, head_dim)
             dq = dq.view(*dq.shape[:-1], kv_heads, per, head_dim)
@@ -299,7 +301,7 @@ class ArchAdapter:
     def shape_queries(self, i: int, q: torch.Tensor) -> torch.Tensor:
         """[B, Tq, heads * hd] -> [B, heads, Tq, hd], with the family's query norm."""
         attn = self.attn(i)
-        n_heads, head_dim = self.head_dims(i)
+        n_heads, head_dim = self.head_dims
         if self.spec.q_norm == "full":
             q = attn.q_norm(q)
         if self.spec.q_clip is not None:
@@ -335,7 +337,7 @@ class ArchAdapter:
         attn = self.attn(i)
         scale = getattr(attn, "scaling", None)
         if scale is None:
-            scale = self.head_dims(i)[1] ** -0.5
+            scale = self.head_dims[1] ** -0.5
         return float(scale)
 
     def attn_softcap(self, i: int):

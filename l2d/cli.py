@@ -89,11 +89,11 @@ def run_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .data import render_prompt
-    from .eval.command import load_for_eval
     from .generation import EarlyStop
+    from .loading import load_trained
+    from .prompts import render_prompt
 
-    model, tok, kind = load_for_eval(args.adapter, args.base, args.dtype)
+    model, tok, kind = load_trained(args.adapter, args.base, args.dtype)
     if kind == "mdm":  # masked diffusion: every new position at once, in --steps forward passes
         text = render_prompt(tok, args.prompt, system_prompt=args.system, chat_template=not args.raw)
         enc = tok(text, return_tensors="pt", add_special_tokens=args.raw)

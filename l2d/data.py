@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import datasets
 
 from .config import DEFAULT_CLASSES, IGNORE_INDEX  # noqa: F401  (IGNORE_INDEX: part of this module's API)
+from .prompts import render_prompt, require_chat_template  # noqa: F401  (render_prompt: as before)
 
 logger = logging.getLogger(__name__)
 
@@ -173,30 +174,6 @@ def load_source(source: DataSource | str | dict) -> datasets.Dataset:
 
 
 # ------------------------------------------------------------------------ rendering + tokens
-def _require_chat_template(tokenizer) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template. Use an "
-            "instruct model's tokenizer, set `tokenizer.chat_template` to a Jinja template, or pass "
-            "chat_template=False to concatenate prompt and completion raw (prompt/completion data only)."
-        )
-
-
-def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None,
-                  chat_template: bool = True) -> str:
-    """The text a model is given at inference for `prompt` (a string or a message list).
-
-    Same rendering as training: chat template with the generation prompt, or the raw prompt.
-    """
-    if not chat_template:
-        return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    _require_chat_template(tokenizer)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def _conversation_turns(messages: list[dict], tokenizer) -> list[tuple[str, str] | None]:
     """(prompt text, response text) for every assistant turn; None where the template disagrees.
 
@@ -284,7 +261,7 @@ def tokenize_dataset(
     columns = dataset.column_names
     conversations = messages_column in columns
     if conversations or chat_template:
-        _require_chat_template(tokenizer)
+        require_chat_template(tokenizer)
     if not conversations:
         pcol, ccol = _pair_columns(columns, prompt_column, completion_column)
     kept_cols = [c for c in keep_columns if c in columns]

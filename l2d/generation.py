@@ -25,6 +25,7 @@ import torch
 
 from .latent import OPEN_GATE_T0
 from .main_path import positions_from_mask
+from .sampling import multinomial, pick_token, randn, row_generators
 from .solvers import (ADAPTIVE_SOLVERS, FIXED_SOLVERS, StopIntegration, check_solver,
                       integrate_adaptive, integrate_fixed)
 
@@ -170,7 +171,7 @@ class TokenField:
         rngs = self.generator
         if isinstance(rngs, list) and logits.shape[0] != len(rngs):  # guidance: both halves, same streams
             rngs = rngs * (logits.shape[0] // len(rngs))
-        return self.Z[_multinomial(torch.softmax(logits[:, 0] / tau, -1), rngs)]
+        return self.Z[multinomial(torch.softmax(logits[:, 0] / tau, -1), rngs)]
 
     def __call__(self, t: float, x: torch.Tensor) -> torch.Tensor:
         if self.max_nfe is not None and self.nfe >= self.max_nfe:
@@ -262,63 +263,24 @@ def _check_inputs(model: "L2DModel", input_ids, attention_mask, max_new_tokens, 
                              f"model's context of {limit}: lower max_new_tokens.")
 
 
-def _pick(logits, do_sample, temperature, top_k, top_p, generator):
-    """Greedy or sampled next token from [B, V] logits (temperature, then top-k, then top-p)."""
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return _multinomial(torch.softmax(logits, -1), generator)[:, 0]
-
-
-def _row_generators(seed, generator, batch: int, device):
-    """Per-row random streams, so a row's result does not depend on what it is batched with.
-
-    ``seed`` may be an int (row ``i`` gets ``seed + i``) or one int per row; a single
-    ``generator`` drives the whole batch; neither means torch's global RNG.
-    """
-    if generator is not None:
-        return generator
-    if seed is None:
-        return None
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(batch)]
-    if len(seeds) != batch:
-        raise ValueError(f"seed has {len(seeds)} entries for a batch of {batch}.")
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-
-def _randn(rngs, shape, device):
-    if isinstance(rngs, list):
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in rngs])
-    return torch.randn(shape, generator=rngs, device=device)
-
-
-def _multinomial(probs, rngs):
-    """One draw per row of ``probs`` [B, V] -> [B, 1]."""
-    if isinstance(rngs, list):
-        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, rngs)])
-    return torch.multinomial(probs, 1, generator=rngs)
-
-
 def _hit_stop_string(tokenizer, generated: torch.Tensor, stop_strings) -> torch.Tensor:
     """Rows whose generated text so far contains a stop string."""
     texts = tokenizer.batch_decode(generated.tolist(), skip_special_tokens=False)
     return torch.tensor([any(s in text for s in stop_strings) for text in texts], device=generated.device)
 
 
-def _eos_set(model, eos_token_id):
+def _eos_and_pad(model, eos_token_id, pad_token_id) -> tuple[set, int]:
+    """The end-of-sequence ids (the base's generation config by default) and the id that pads
+    finished rows (the config's pad id, else the smallest eos id, else 0)."""
+    config = model.base_model.generation_config
     if eos_token_id is None:
-        eos_token_id = getattr(model.base_model.generation_config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])}
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos = set() if eos_token_id is None else {
+        int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])}
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = min(eos) if pad_token_id is None and eos else (pad_token_id or 0)
+    return eos, pad_token_id
 
 
 @torch.no_grad()
@@ -360,11 +322,8 @@ def generate(model: "L2DModel", input_ids: torch.Tensor, attention_mask: torch.T
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need tokenizer= to decode the generated text.")
     B = input_ids.shape[0]
-    rngs = _row_generators(seed, generator, B, input_ids.device)
-    eos = _eos_set(model, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(model.base_model.generation_config, "pad_token_id", None)
-        pad_token_id = min(eos) if pad_token_id is None and eos else (pad_token_id or 0)
+    rngs = row_generators(seed, generator, B, input_ids.device)
+    eos, pad_token_id = _eos_and_pad(model, eos_token_id, pad_token_id)
     cls = model.class_tensor(class_label, B)
     use_path = steps != 0 and not model.adapter_disabled
     latent_table = model.latent_table().float() if use_path else None  # once per call, never per step
@@ -389,7 +348,7 @@ def generate(model: "L2DModel", input_ids: torch.Tensor, attention_mask: torch.T
         else:
             logits, nfe = model.head_logits(h_last), 0
         nfe_log.append(nfe)
-        nxt = _pick(logits[:, -1].float(), do_sample, temperature, top_k, top_p, rngs)
+        nxt = pick_token(logits[:, -1].float(), do_sample, temperature, top_k, top_p, rngs)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         sequences = torch.cat([sequences, nxt[:, None]], 1)
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
@@ -439,7 +398,7 @@ def _solve_token(model, main, h_last, cls, latent_table, settings: SolverSetting
     s = settings
     fld = TokenField(model, ctx, h_last, cls, latent_table, s.estimate, s.guidance_scale, s.estimate_temperature,
                      rngs, s.max_nfe, s.early_stop, cond_cache=cond_cache, h_start=h_start)
-    x0 = model.config.sigma * _randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device).double()
+    x0 = model.config.sigma * randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device).double()
     stopped = None
     try:
         if s.solver in FIXED_SOLVERS:

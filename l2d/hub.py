@@ -181,7 +181,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         files = [CONFIG_NAME, WEIGHTS_NAME]
         card = model_card(config, repo_id, recipe_text, rows, _count_weights(folder / WEIGHTS_NAME), tags)
     else:
-        from .eval.command import adapter_kind, default_base
+        from .loading import adapter_kind, default_base
 
         kind = adapter_kind(str(folder))
         files = sorted({p.name for pattern in BASELINE_FILES for p in folder.glob(pattern)} - {RECIPE_FILE, CARD_FILE})

@@ -8,7 +8,6 @@ merge -> frozen final norm and ``lm_head`` -> response-only cross-entropy. Also:
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +17,9 @@ from transformers.utils import ModelOutput
 
 import l2d_kernels
 
-from . import __version__
+from .adapter_files import check_weights_fit, read_adapter, write_adapter
 from .arch import ArchAdapter
-from .config import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, L2DConfig
+from .config import IGNORE_INDEX, L2DConfig
 from .device_map import is_dispatched, place_blocks
 from .latent import add_noise, sample_timesteps
 from .main_path import MainPathMixin, MainPathState, positions_from_mask
@@ -410,29 +409,8 @@ class L2DModel(MainPathMixin, nn.Module):
         it: a whole-model state dict (keys ``path.*``, e.g. ``accelerator.get_state_dict(model)``,
         which gathers weights that FSDP or DeepSpeed shard) or the path's own. ``is_main_process=False``
         (as transformers' Trainer passes on other ranks) writes nothing."""
-        from safetensors.torch import save_file
-
-        if not is_main_process:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        if state_dict is None:
-            state_dict = self.path.state_dict()
-        elif any(k.startswith("path.") for k in state_dict):
-            state_dict = {k[len("path."):]: v for k, v in state_dict.items() if k.startswith("path.")}
-        missing = sorted(set(self.path.state_dict()) - set(state_dict))
-        if missing:
-            raise ValueError(f"state_dict lacks path weights {missing[:5]}: pass the whole model's state dict "
-                             "(keys 'path.*') or the path's own.")
-        state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        weights = os.path.join(save_directory, WEIGHTS_NAME)
-        tmp = weights + ".tmp"
-        save_file(state, tmp, metadata={"format": "pt", "l2d_version": __version__})
-        os.replace(tmp, weights)
-        extra = {"l2d_version": __version__, "base_fingerprint": self.arch.fingerprint()}
-        revision = getattr(self.base_model.config, "_commit_hash", None)
-        if revision and not self.config.base_model_revision:
-            self.config.base_model_revision = revision
-        self.config.save(save_directory, extra)
+        if is_main_process:
+            write_adapter(self, save_directory, state_dict)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str | None = None, **kwargs):
@@ -446,28 +424,9 @@ class L2DModel(MainPathMixin, nn.Module):
     def from_pretrained(cls, base_model: nn.Module, adapter: str, revision: str | None = None,
                         is_trainable: bool = False, **hub_kwargs) -> "L2DModel":
         """Attach a saved path to ``base_model``; ``adapter`` is a local folder or a hub repo id."""
-        directory = _resolve_adapter(adapter, revision, **hub_kwargs)
-        config, extra = L2DConfig.load(directory)
-        arch = ArchAdapter(base_model)
-        _check_fingerprint(extra.get("base_fingerprint"), arch.fingerprint(), directory)
-        weights = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory!r}; the adapter is incomplete.")
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(weights)
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ValueError(f"{weights} could not be read as safetensors ({e}); the file is corrupt "
-                             "or truncated: re-save or re-download the adapter.") from e
+        config, state, weights = read_adapter(base_model, adapter, revision, **hub_kwargs)
         model = cls(base_model, config)
-        expected = model.path.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if missing or unexpected or wrong:
-            raise ValueError(f"{weights} does not fit this base and config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}.")
+        check_weights_fit(state, model.path.state_dict(), weights)
         model.path.load_state_dict(state)
         model.path.requires_grad_(is_trainable)
         if not is_trainable:
@@ -491,25 +450,3 @@ def _pack_supervised(targets: torch.Tensor):
     query_index = torch.where(valid, order, torch.zeros_like(order))
     query_targets = torch.where(valid, targets.gather(1, order), torch.full_like(order, IGNORE_INDEX))
     return query_index, query_targets
-
-
-def _resolve_adapter(adapter: str, revision=None, **hub_kwargs) -> str:
-    if os.path.isdir(adapter):
-        return adapter
-    if os.path.exists(adapter):
-        raise ValueError(f"{adapter!r} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(adapter, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **hub_kwargs)
-    except Exception as e:
-        raise FileNotFoundError(f"No local folder {adapter!r} and it could not be fetched from the hub ({e}).") from e
-
-
-def _check_fingerprint(saved: dict | None, current: dict, directory: str) -> None:
-    if not saved:
-        return
-    diffs = [f"{k}: adapter {saved[k]!r} vs base {current.get(k)!r}" for k in saved if saved[k] != current.get(k)]
-    if diffs:
-        raise ValueError(f"The adapter in {directory!r} was trained for another base model ("
-                         + "; ".join(diffs) + "). Load it onto the base it was trained with.")

@@ -229,40 +229,6 @@ def test_latent_normalize_zero_row_uses_the_clamp():
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scale_by_std", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_noise_latent_matches_float64_reference(shape, dtype, scale_by_std):
-    """x_t = (t z + (1-t) sigma eps) / s(t) and its grads to z and eps match float64 on both backends."""
-    z = _randn(shape, dtype, 0).requires_grad_()
-    noise = _randn(shape, dtype, 1).requires_grad_()
-    t = torch.rand(shape[:-1], generator=_gen(2))
-    grad_out = _randn(shape, torch.float64, 3)
-    z64, n64 = _f64([z, noise])
-    x64 = ref.noise_latent_ref(z64, t.double(), n64, 64.0, scale_by_std)
-    want = _grads(x64, [z64, n64], grad_out)
-    for backend in BACKENDS:
-        with l2d_kernels.use_backend(backend):
-            x = l2d_kernels.noise_latent(z, t.unsqueeze(-1), noise, 64.0, scale_by_std)
-        atol, rtol = TOL[dtype]["out"]
-        _close(x, x64, (atol * (1 if scale_by_std else 64), rtol), f"{backend} x_t")
-        for g, w in zip(_grads(x, [z, noise], grad_out), want):
-            atol, rtol = TOL[dtype]["grad"]
-            _close(g, w, (atol * (1 if scale_by_std else 64), rtol), f"{backend} grad")
-
-
-def test_noise_latent_endpoints():
-    """t = 0 is pure noise (eps after dividing by s(0) = sigma), t = 1 is the clean latent."""
-    z = torch.randn(4, 32, generator=_gen(0))
-    noise = torch.randn(4, 32, generator=_gen(1))
-    t = torch.tensor([0.0, 1.0, 0.0, 1.0])
-    for backend in BACKENDS:
-        with l2d_kernels.use_backend(backend):
-            x = l2d_kernels.noise_latent(z, t, noise, 64.0)
-        torch.testing.assert_close(x[0::2], noise[0::2])
-        torch.testing.assert_close(x[1::2], z[1::2])
-
-
 # ----------------------------------------------------------------------------- head + cross-entropy
 
 def _head_problem(n, h, v, dtype, seed=0, n_ignored=2):

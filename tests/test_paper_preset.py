@@ -98,7 +98,7 @@ def test_token_solve_matches_the_reference(reference, monkeypatch):
     model, fx = reference
     prompt, x0 = fx["solve.prompt_ids"], fx["solve.x0"]
     seen = {}
-    monkeypatch.setattr(generation, "_randn", lambda rngs, shape, device: (x0 / model.config.sigma).to(device))
+    monkeypatch.setattr(generation, "randn", lambda rngs, shape, device: (x0 / model.config.sigma).to(device))
     solve, integrate = generation._solve_token, generation.integrate_fixed
 
     def keep_logits(*args, **kwargs):

@@ -4,11 +4,11 @@ One dispatch point (``dispatch.py``): Triton on CUDA tensors, a plain torch path
 ``L2D_KERNELS=auto|torch|triton`` or ``set_backend`` flips it. See ``kernels/README.md``.
 """
 from .dispatch import (BACKENDS, get_backend, latent_normalize, linear_cross_entropy, modulated_norm,
-                       noise_latent, set_backend, triton_available, use_backend, use_triton)
+                       set_backend, triton_available, use_backend, use_triton)
 from .reference import NORM_KINDS
 
 __all__ = [
-    "modulated_norm", "latent_normalize", "noise_latent", "linear_cross_entropy",
+    "modulated_norm", "latent_normalize", "linear_cross_entropy",
     "get_backend", "set_backend", "use_backend", "use_triton", "triton_available",
     "BACKENDS", "NORM_KINDS",
 ]

@@ -19,7 +19,7 @@ import torch
 
 from .cross_entropy import linear_cross_entropy_chunked
 from .modulated_norm_torch import modulated_norm_torch
-from .reference import NORM_KINDS, latent_normalize_ref, noise_latent_ref
+from .reference import NORM_KINDS, latent_normalize_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -111,19 +111,6 @@ def latent_normalize(u, eps: float = 1e-12):
         from .latent_norm_triton import latent_normalize_triton
         return latent_normalize_triton(u, eps)
     return latent_normalize_ref(u, eps)
-
-
-def noise_latent(z, t, noise, sigma: float, scale_by_std: bool = True):
-    """``x_t = (t z + (1 - t) sigma noise) / s(t)``, one ``t`` per row, float32.
-
-    ``s(t) = sqrt((1 - t)^2 sigma^2 + t^2)`` is the marginal std (``scale_by_std=False`` skips the
-    division). Gradients flow to ``z`` and ``noise``; a ``t`` that requires grad takes the torch path.
-    """
-    t_grad = isinstance(t, torch.Tensor) and t.requires_grad
-    if use_triton(z) and not t_grad and _triton_dtype_ok(z, noise):
-        from .latent_norm_triton import noise_latent_triton
-        return noise_latent_triton(z, t, noise, sigma, scale_by_std)
-    return noise_latent_ref(z, t, noise, sigma, scale_by_std)
 
 
 def linear_cross_entropy(hidden, weight, targets, bias=None, softcap=None, logit_scale=None,

@@ -59,29 +59,3 @@ def linear_cross_entropy_ref(hidden, weight, targets, bias=None, softcap=None, l
     """Cross-entropy of ``hidden @ weight.T`` (+ bias, scale, soft-cap) against ``targets``."""
     logits = head_logits_ref(hidden, weight, bias, softcap, logit_scale)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-
-
-def marginal_std_ref(t, sigma: float):
-    """``s(t) = sqrt((1 - t)^2 sigma^2 + t^2)``: the std of ``x_t`` for unit-scale latents."""
-    return torch.sqrt((1 - t) ** 2 * sigma**2 + t**2)
-
-
-def noise_latent_ref(z, t, noise, sigma: float, scale_by_std: bool = True):
-    """``x_t = t z + (1 - t) sigma eps``, divided by ``s(t)`` when ``scale_by_std``; float32.
-
-    ``t`` holds one time per row: shape ``z.shape[:-1]``, ``z.shape[:-1] + (1,)`` or anything that
-    broadcasts to it.
-    """
-    tt = _time_per_row(t, z).unsqueeze(-1)
-    x = tt * _acc(z) + (1 - tt) * sigma * _acc(noise)
-    if scale_by_std:
-        x = x / marginal_std_ref(tt, sigma)
-    return x
-
-
-def _time_per_row(t, z):
-    """``t`` as a float32 tensor of shape ``z.shape[:-1]`` (one time per row)."""
-    t = _acc(torch.as_tensor(t, device=z.device))
-    if t.dim() == z.dim() and t.dim() > 0 and t.shape[-1] == 1:
-        t = t.squeeze(-1)
-    return t.expand(z.shape[:-1])
