@@ -402,6 +402,19 @@ class ArchAdapter:
         }
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def base_fingerprint(base) -> dict:
+    """What a training checkpoint must match to resume: any base (the baselines' too, and under
+    DeepSpeed ZeRO-3), counted by parameters. An adapter's fit is :meth:`ArchAdapter.fingerprint`."""
+    vocab, hidden = full_shape(base.get_input_embeddings().weight)
+    return {"model_type": base.config.model_type, "vocab_size": int(vocab), "hidden_size": int(hidden),
+            "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())}
+
+
 def norm_params(norm: nn.Module | None, kind: str):
     """(weight, bias, eps, kind) of a frozen norm module, for ``l2d_kernels.modulated_norm``."""
     if norm is None:

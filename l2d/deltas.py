@@ -119,6 +119,13 @@ class DeltaSwitch:
         return self._set(True, context=True)
 
 
+def remove_handles(handles: list) -> list:
+    """Remove every hook in ``handles``; returns the empty list that replaces them."""
+    for handle in handles:
+        handle.remove()
+    return []
+
+
 def context_delta_hook(switch: DeltaSwitch, delta: nn.Module):
     """A forward hook that adds ``delta(input)`` to a frozen module's output during the adapted
     context pass only (elsewhere the module is left as it is)."""
@@ -171,9 +178,7 @@ class MLPDeltas(nn.Module):
         return hook
 
     def remove_hooks(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._handles = remove_handles(self._handles)
         lent = getattr(self, "_context_forward", None)
         if lent is not None and lent.mlp.__dict__.get("forward") is lent:
             del lent.mlp.forward  # the class's forward again

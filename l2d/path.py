@@ -32,7 +32,7 @@ import l2d_kernels
 
 from .arch import ArchAdapter, norm_params
 from .config import L2DConfig
-from .deltas import DeltaSwitch, MLPDeltas, context_delta_hook, linear_features, make_delta
+from .deltas import DeltaSwitch, MLPDeltas, context_delta_hook, linear_features, make_delta, remove_handles
 from .latent import LatentMap, marginal_std
 from .stream import StreamContext, attend
 
@@ -157,9 +157,7 @@ class DiffusionBlock(nn.Module):
         return hook
 
     def remove_hooks(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._handles = remove_handles(self._handles)
         self.mlp_deltas.remove_hooks()
 
     def modulation(self, c_act: torch.Tensor):

@@ -276,14 +276,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise RecipeError(f"--set {text!r}: empty key")
-    parsed = yaml.safe_load(value) if value.strip() else None
-    # YAML reads 5e-5 as a string (it wants 5.0e-5); a number is what anyone means.
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed) if any(c in parsed.lower() for c in ".e") else parsed
-        except ValueError:
-            pass
-    return parts, parsed
+    return parts, (_load_yaml(value) if value.strip() else None)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -306,8 +299,8 @@ def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
     return _check(build(Recipe, raw))
 
 
-def _yaml_floats(text: str) -> dict:
-    """YAML 1.1 reads `1e-4` as a string; parse such scalars as floats, as a reader expects."""
+def _load_yaml(text: str):
+    """YAML, except that `1e-4` is a float (YAML 1.1 reads it as a string; a number is what anyone means)."""
     loader = type("L2DLoader", (yaml.SafeLoader,), {})
     import re
 
@@ -324,7 +317,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found")
     try:
-        raw = _yaml_floats(path.read_text())
+        raw = _load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{path} is not valid YAML: {e}") from e
     if raw is not None and not isinstance(raw, dict):

@@ -34,6 +34,7 @@ from .baseline_loss import ResponseLoss, inner, inner_state_dict, is_response_lo
 from .batching import Collator, length_grouped_batches
 from .checkpoint import METRICS_FILE, MetricSinks, TrainingError, check_resume, latest_checkpoint, \
     list_checkpoints, load_checkpoint, load_optimizer_tensors, save_checkpoint, set_rng_state  # noqa: F401
+from .arch import base_fingerprint, full_shape
 from .config import IGNORE_INDEX
 from .data import build_dataset, null_class_label
 from .optim import PARTS, freeze_parts, is_up_projection, lr_at, lr_scales, optimizer_groups, part_of  # noqa: F401
@@ -97,17 +98,6 @@ def build_model(recipe: Recipe, base, tokenizer=None):
         base.requires_grad_(True)
         model = base
     return model.train()
-
-
-def full_shape(p: torch.Tensor) -> torch.Size:
-    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then empty)."""
-    return getattr(p, "ds_shape", p.shape)
-
-
-def base_fingerprint(base) -> dict:
-    vocab, hidden = full_shape(base.get_input_embeddings().weight)
-    return {"model_type": base.config.model_type, "vocab_size": int(vocab), "hidden_size": int(hidden),
-            "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())}
 
 
 def batch_loss(model, method: str, batch: dict) -> tuple[torch.Tensor, int]:
