@@ -285,25 +285,7 @@ def tokenize_dataset(
         rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
         for row in rows:
             for pair in pairs_of(row):
-                ids, labels, status = [], [], "template_mismatch"
-                if pair is not None and not pair[1]:
-                    status = "empty_response"
-                elif pair is not None:
-                    if chat_template:  # the template already holds BOS/specials
-                        p = tokenizer(pair[0], add_special_tokens=False)["input_ids"]
-                        r = tokenizer(pair[1], add_special_tokens=False)["input_ids"]
-                    else:
-                        p = tokenizer(pair[0])["input_ids"] if pair[0] else []
-                        r = tokenizer(pair[1], add_special_tokens=False)["input_ids"]
-                        r = r + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-                    p, r, status = truncate(p, r, max_length)
-                    ids, labels = p + r, [IGNORE_INDEX] * len(p) + r
-                    # Position 0 predicts nothing (the loss shifts by one), so it does not count.
-                    if not any(x != IGNORE_INDEX for x in labels[1:]):
-                        status = "no_supervised_tokens"
-                    bad = [x for x in ids if not 0 <= x < vocab]
-                    if bad:
-                        raise ValueError(f"{source_name!r}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
+                ids, labels, status = _encode_pair(tokenizer, pair, chat_template, max_length, vocab, source_name)
                 out["input_ids"].append(ids)
                 out["labels"].append(labels)
                 out["class_label"].append(label)
@@ -316,19 +298,50 @@ def tokenize_dataset(
 
     mapped = dataset.map(encode, batched=True, batch_size=256, remove_columns=columns,
                          num_proc=num_proc, desc=f"tokenizing {source_name}")
-    counts = Counter(mapped["status"])
-    report = {"source": source_name, "rows": len(dataset), "examples": sum(counts[s] for s in _KEPT),
+    report = _report(mapped["status"], source_name, len(dataset))
+    kept = mapped.filter(lambda s: [x in _KEPT for x in s], input_columns="status", batched=True)
+    return kept.remove_columns("status"), report
+
+
+def _encode_pair(tokenizer, pair, chat_template: bool, max_length: int, vocab: int, source_name: str):
+    """``(input_ids, labels, status)`` of one (prompt text, response text) pair; ``None`` is a turn the
+    template did not render as expected."""
+    if pair is None:
+        return [], [], "template_mismatch"
+    if not pair[1]:
+        return [], [], "empty_response"
+    if chat_template:  # the template already holds BOS/specials
+        p = tokenizer(pair[0], add_special_tokens=False)["input_ids"]
+        r = tokenizer(pair[1], add_special_tokens=False)["input_ids"]
+    else:
+        p = tokenizer(pair[0])["input_ids"] if pair[0] else []
+        r = tokenizer(pair[1], add_special_tokens=False)["input_ids"]
+        r = r + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    p, r, status = truncate(p, r, max_length)
+    ids, labels = p + r, [IGNORE_INDEX] * len(p) + r
+    # Position 0 predicts nothing (the loss shifts by one), so it does not count.
+    if not any(x != IGNORE_INDEX for x in labels[1:]):
+        status = "no_supervised_tokens"
+    bad = [x for x in ids if not 0 <= x < vocab]
+    if bad:
+        raise ValueError(f"{source_name!r}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
+    return ids, labels, status
+
+
+def _report(statuses, source_name: str, rows: int) -> dict:
+    """Examples, truncations and drops by reason of one source; warns about drops, raises when none is left."""
+    counts = Counter(statuses)
+    report = {"source": source_name, "rows": rows, "examples": sum(counts[s] for s in _KEPT),
               "truncated": counts["truncated_prompt"] + counts["truncated_response"],
               "dropped": {s: n for s, n in counts.items() if s not in _KEPT}}
     n_dropped = sum(report["dropped"].values())
     if n_dropped:
         warnings.warn(f"{source_name!r}: dropped {n_dropped} of {n_dropped + report['examples']} examples "
-                      f"with no supervised tokens ({report['dropped']})", stacklevel=2)
+                      f"with no supervised tokens ({report['dropped']})", stacklevel=3)
     if report["examples"] == 0:
         raise ValueError(f"data source {source_name!r} has no usable examples "
-                         f"({len(dataset)} rows; dropped: {report['dropped']})")
-    kept = mapped.filter(lambda s: [x in _KEPT for x in s], input_columns="status", batched=True)
-    return kept.remove_columns("status"), report
+                         f"({rows} rows; dropped: {report['dropped']})")
+    return report
 
 
 def build_dataset(

@@ -326,11 +326,7 @@ def generate(model: "L2DModel", input_ids: torch.Tensor, attention_mask: torch.T
     eos, pad_token_id = _eos_and_pad(model, eos_token_id, pad_token_id)
     cls = model.class_tensor(class_label, B)
     use_path = steps != 0 and not model.adapter_disabled
-    latent_table = model.latent_table().float() if use_path else None  # once per call, never per step
-    cond_cache = None
-    if use_path:  # t-only parts of the path, once per grid time for the whole call
-        cond_cache = ConditioningCache(model, cls if guidance_scale is None else
-                                       with_null_class(cls, model.config.num_classes))
+    latent_table, cond_cache = _per_call_parts(model, cls, guidance_scale) if use_path else (None, None)
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
 
     sequences, mask = input_ids, attention_mask
@@ -366,6 +362,13 @@ def generate(model: "L2DModel", input_ids: torch.Tensor, attention_mask: torch.T
     if return_dict_in_generate:
         return L2DGenerateOutput(sequences=sequences, nfe=nfe_log)
     return sequences
+
+
+def _per_call_parts(model, cls, guidance_scale):
+    """What a ``generate`` call computes once, never per step: the latent table, and a cache for the
+    path's ``t``-only parts (filled once per grid time)."""
+    labels = cls if guidance_scale is None else with_null_class(cls, model.config.num_classes)
+    return model.latent_table().float(), ConditioningCache(model, labels)
 
 
 def _finished_rows(nxt, eos: set, stop_strings: list, tokenizer, generated) -> torch.Tensor:
