@@ -116,13 +116,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
     total_nfe, seconds = 0.0, 0.0
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):  # left padding: the last prompt token sits at the end of every row
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _left_padded([encoded[i] for i in idx], pad, device)
+        width = ids.shape[1]
         t0 = time.perf_counter()
         if mdm:  # every new position decoded at once in `steps` forward passes (l2d.mdm.generation)
             out = model.generate(ids, mask, max_new_tokens=max_new_tokens, steps=steps, do_sample=do_sample,
@@ -166,6 +161,17 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
             text = tokenizer.decode(row[:n], skip_special_tokens=True)
             completions[i] = truncate_at_stop(text, stop_strings or ())
     return {"completions": completions, "generated_tokens": n_generated, "nfe": total_nfe, "seconds": seconds}
+
+
+def _left_padded(rows: list[list[int]], pad: int, device):
+    """``(input_ids, attention_mask)`` [B, longest]: the last prompt token sits at the end of every row."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _default_stops(task: Task, fmt: str) -> list[str] | None:
@@ -248,19 +254,26 @@ def evaluate(model, tokenizer, task: Task, steps_list: Sequence[int] = (0,), *, 
                "ms_per_token": 1000 * seconds / tokens if tokens else None,
                "tokens_per_s": tokens / seconds if seconds else None,
                "generated_tokens": int(tokens), "seconds": seconds}
-        if samples > 1:
-            counts = [(samples, sum(outcomes[s][i] for s in range(samples))) for i in range(len(examples))]
-            for k in sorted({1, 10, samples}):
-                if k <= samples:
-                    row[f"pass@{k}"] = mean_pass_at_k(counts, k)
-            row["accuracy"] = row["pass@1"]
-        if keep_completions:
-            row["completions"] = [{"id": ex.id, "gold": ex.gold,
-                                   "completions": [all_completions[s][i] for s in range(samples)],
-                                   "passed": [bool(outcomes[s][i]) for s in range(samples)]}
-                                  for i, ex in enumerate(examples)]
+        _add_samples(row, examples, outcomes, all_completions if keep_completions else None)
         rows.append(row)
     return rows
+
+
+def _add_samples(row: dict, examples, outcomes: list, all_completions: list | None) -> None:
+    """pass@k for several samples per example (``accuracy`` is then pass@1); each example's
+    completions and outcomes when ``all_completions`` are kept."""
+    samples = len(outcomes)
+    if samples > 1:
+        counts = [(samples, sum(outcomes[s][i] for s in range(samples))) for i in range(len(examples))]
+        for k in sorted({1, 10, samples}):
+            if k <= samples:
+                row[f"pass@{k}"] = mean_pass_at_k(counts, k)
+        row["accuracy"] = row["pass@1"]
+    if all_completions is not None:
+        row["completions"] = [{"id": ex.id, "gold": ex.gold,
+                               "completions": [all_completions[s][i] for s in range(samples)],
+                               "passed": [bool(outcomes[s][i]) for s in range(samples)]}
+                              for i, ex in enumerate(examples)]
 
 
 def summary_rows(rows: Sequence[dict], extra: dict | None = None) -> list[dict]:
