@@ -1,0 +1,53 @@
+"""Score a trained adapter on the demo's VALIDATION problems at a few step counts, under one protocol.
+
+    python benchmarks/score_steps.py runs/ablate21/steps-heads-traj --n 48 --protocol greedy --steps 1,16
+
+The validation problems are the demo's (seed ``l2d.demo.VALIDATION_SEED``, any question that occurs
+in the recipe's training data removed, prompted as in training); the held-out ones are never used.
+Prints one JSON line per step count (correct of n, accuracy %, NFE per token, seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", help="an l2d train output folder (or a LoRA folder with --steps 0)")
+    p.add_argument("--n", type=int, default=48, help="validation problems")
+    p.add_argument("--protocol", default="greedy", choices=("greedy", "paper"), help="decoding protocol")
+    p.add_argument("--steps", default="1,16", help="comma-separated step counts")
+    p.add_argument("--recipe", default="recipes/smollm2-135m/arithmetic.yaml", help="the recipe it was trained on")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer")
+    p.add_argument("--batch-size", type=int, default=48, help="prompts per generate call")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from l2d.data import reasoning_gym_dataset
+    from l2d.demo import VALIDATION_SEED, heldout_task
+    from l2d.eval.command import load_for_eval
+    from l2d.eval.runner import evaluate
+    from l2d.recipe import load_recipe
+
+    source = load_recipe(args.recipe).data.sources[0]
+    seen = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
+                                     **source.generator_kwargs)["prompt"])
+    val_task, _ = heldout_task(source, args.n, VALIDATION_SEED, seen)
+    model, tok, _ = load_for_eval(args.adapter)
+    for steps in (int(s) for s in args.steps.split(",")):
+        t0 = time.perf_counter()
+        r = evaluate(model, tok, val_task, [steps], method=args.adapter, protocol=args.protocol,
+                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0,
+                     prompt_format="chat", progress=False)[0]
+        print(json.dumps({"adapter": args.adapter, "protocol": args.protocol, "steps": steps, "n": r["n"],
+                          "correct": r["correct"], "accuracy %": round(100 * r["accuracy"], 1),
+                          "nfe_per_token": round(r["nfe_per_token"], 1),
+                          "seconds": round(time.perf_counter() - t0)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
