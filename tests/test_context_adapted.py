@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from l2d import L2DConfig, L2DModel, get_l2d_model
 from l2d.main_path import positions_from_mask
 from l2d.train import freeze_parts
-from tiny import batch, randomize_path, tiny_base, tiny_config
+from tiny import batch, randomize_path, tiny_base, tiny_config as _tiny_config
+
+
+def tiny_config(**kw):
+    """The recipe's path (the stream starts as the main path, open merge gate): what the adapted
+    context pass and stream_layers are built for (stream_layers needs it)."""
+    return _tiny_config(**{"stream_init": "main", "merge_init": "open", **kw})
+
 
 FAMILIES = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2", "granite"]
 

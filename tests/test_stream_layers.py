@@ -5,7 +5,14 @@ import torch
 
 from l2d import L2DConfig, L2DModel, get_l2d_model
 from l2d.train import freeze_parts
-from tiny import batch, randomize_path, tiny_base, tiny_config
+from tiny import batch, randomize_path, tiny_base, tiny_config as _tiny_config
+
+
+def tiny_config(**kw):
+    """The recipe's path (the stream starts as the main path, open merge gate): what the adapted
+    context pass and stream_layers are built for (stream_layers needs it)."""
+    return _tiny_config(**{"stream_init": "main", "merge_init": "open", **kw})
+
 
 LAYERS = 4
 FAMILIES = ["llama", "gemma2", "gpt2", "phi3", "gemma3_text"]  # plain, post-norms, Conv1D, fused qkv, sliding

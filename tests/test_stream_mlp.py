@@ -117,7 +117,7 @@ def test_adapted_context_pass_runs_the_lean_mlp_with_the_same_result(family):
     """context='adapted': the frozen layers run over every position with the deltas on; their MLPs
     go through the lean forward there, with the same loss and gradients as the module with hooks,
     and keep two intermediates per layer instead of four."""
-    model = get_l2d_model(tiny_base(family), tiny_config(context="adapted")).train()
+    model = get_l2d_model(tiny_base(family), tiny_config(stream_init="main", merge_init="open", context="adapted")).train()
     randomize_path(model)
     ids, labels = batch(seed=4)
     mask = torch.ones_like(ids)
@@ -167,7 +167,7 @@ def test_the_base_mlp_is_its_own_again_after_unload():
     base = tiny_base("llama")
     x = torch.randn(2, 3, 32)
     before = base.model.layers[0].mlp(x)
-    model = get_l2d_model(base, tiny_config(context="adapted"))
+    model = get_l2d_model(base, tiny_config(stream_init="main", merge_init="open", context="adapted"))
     randomize_path(model)
     mlp = base.model.layers[0].mlp
     assert "forward" in mlp.__dict__  # the lean forward is lent for the context pass
