@@ -287,8 +287,8 @@ def test_mixed_precision_reaches_every_method(tmp_path, base_dir, data_file, mon
     seen = set()
     build = train_mod.build_model
 
-    def spy(recipe, base):
-        model = build(recipe, base)
+    def spy(recipe, base, tokenizer=None):
+        model = build(recipe, base, tokenizer)
         base.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
         return model
 
