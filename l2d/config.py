@@ -25,6 +25,17 @@ REMOVED_OPTIONS = {"latent_init": "random", "loss_weighting": "none", "kv_rank":
 LAST_VERSION_WITH_REMOVED_OPTIONS = "0.1.0"
 
 
+def write_json_atomic(path: str, payload: dict, sort_keys: bool = False) -> str:
+    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename, so an
+    interrupted write never leaves a half-written config."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=sort_keys)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 @dataclass
 class L2DConfig:
     """Configuration of the diffusion path attached beside a frozen causal LM.
@@ -248,12 +259,7 @@ class L2DConfig:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
         payload = {**self.to_dict(), **({"_l2d": extra} if extra else {})}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, payload, sort_keys=True)
 
     @classmethod
     def load(cls, directory: str) -> tuple["L2DConfig", dict]:

@@ -5,6 +5,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from ..config import write_json_atomic
+
 CONFIG_NAME = "mdm_config.json"
 DEFAULT_MASK_TOKEN = "<|mdm_mask|>"
 FINETUNING = ("full", "lora")
@@ -93,12 +95,7 @@ class MaskedDiffusionConfig:
         """Write ``mdm_config.json`` (this config under ``config`` plus ``extra``) atomically."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"config": self.to_dict(), **(extra or {})}, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, {"config": self.to_dict(), **(extra or {})})
 
     @classmethod
     def load(cls, directory: str) -> tuple["MaskedDiffusionConfig", dict]:
