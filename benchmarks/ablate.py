@@ -112,6 +112,8 @@ SETTINGS = {
                                          "train.encoder_lr_scale=1.0", "l2d.trajectory_training=0.5",
                                          "l2d.self_conditioning=0.5"],
     "steps-open-traj": RECIPE_LP4 + ["l2d.trajectory_training=0.5"],
+    "steps-open-traj-sc": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.self_conditioning=0.5"],
+    "steps-open-traj-uniform": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.schedule=uniform"],
     "lora": ["method=lora"],
     "lora-lr2e-3": ["method=lora", "train.lr=2e-3"],
     "lora-loraplus4": ["method=lora", "train.loraplus_lr_ratio=4"],

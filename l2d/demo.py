@@ -75,12 +75,13 @@ def heldout_task(source, size: int, seed: int, train_questions: set[str]):
     return task, removed
 
 
-def train_run(recipe_path: Path, method: str, out: Path, steps: int, base: str | None = None) -> dict:
+def train_run(recipe_path: Path, method: str, out: Path, steps: int, base: str | None = None,
+              overrides: list[str] = ()) -> dict:
     from .recipe import load_recipe
     from .train import train
 
     overrides = [f"method={method}", f"train.output_dir={out}", f"train.max_steps={steps}",
-                 "train.save_every=0", "train.keep_last=1", f"data.system_prompt={SYSTEM_PROMPT}"]
+                 "train.save_every=0", "train.keep_last=1", f"data.system_prompt={SYSTEM_PROMPT}", *overrides]
     if base is not None:
         overrides.append(f"model.name_or_path={base}")
     recipe = load_recipe(recipe_path, overrides)

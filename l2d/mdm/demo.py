@@ -1,15 +1,18 @@
 """Masked-diffusion adaptation of SmolLM2-135M-Instruct on 2-term arithmetic, offline, on the CPU.
 
-    python -m l2d.mdm.demo                          # ~10 min on 2 CPU cores
-    python -m l2d.mdm.demo --train-steps 20 --n 40  # a smoke run
+    python -m l2d.mdm.demo                          # ~25 min on 2 CPU cores
+    python -m l2d.mdm.demo --train-steps 80 --l2d-from runs/demo/l2d   # reuse make demo's L2D adapter
+    python -m l2d.mdm.demo --train-steps 20 --n 40 --no-l2d            # a smoke run
 
 1. Train with the same data, recipe and budget (recipes/smollm2-135m/arithmetic.yaml, reasoning-gym
-   `basic_arithmetic`, answers only supervised, full fine-tuning at one learning rate):
+   `basic_arithmetic`, answers only supervised, the same optimizer steps of the same batch):
    `method: mdm` (the model becomes a masked diffusion LM, bidirectional after `--anneal` steps)
-   and `method: full` (the same model fine-tuned autoregressively, the AR baseline).
+   and `method: full` (the same model fine-tuned autoregressively, the AR baseline), both full
+   fine-tuning at ``--lr``; and the L2D adapter at the recipe's own hyper-parameters (as `make
+   demo` trains it; ``--l2d-from`` reuses one trained on the same data and budget).
 2. Evaluate on held-out problems (another seed; questions that occur in training removed), greedy:
-   the AR base, the AR fine-tune, and the MDM at steps 1, 2, 4, ..., positions (all answer
-   positions decoded at once in that many forward passes).
+   the AR base, the AR fine-tune, the L2D adapter at ``--l2d-steps`` solver steps, and the MDM at
+   steps 1, 2, 4, ..., positions (all answer positions decoded at once in that many forward passes).
 3. Print the loss curve and the table (accuracy, forward passes and milliseconds per answer) and
    write them to --out (results.json, table.txt).
 
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 from ..demo import RECIPE, SYSTEM_PROMPT, _machine, heldout_task
+from ..demo import train_run as demo_train_run
 
 
 def _say(text: str) -> None:
@@ -37,6 +41,11 @@ def train_run(method: str, out: Path, args) -> dict:
     from ..recipe import load_recipe
     from ..train import train
 
+    if method == "l2d":  # the adapter as `make demo` trains it: the recipe's own optimizer settings
+        overrides = [f"train.batch_size={args.batch}", f"train.micro_batch_size={args.batch}", "train.progress_bar=false"]
+        summary = demo_train_run(Path(args.recipe), "l2d", out, args.train_steps, overrides=overrides)
+        summary["losses"] = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        return summary
     overrides = [f"method={method}", f"train.output_dir={out}", f"train.max_steps={args.train_steps}",
                  f"train.batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
                  f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.warmup_steps={args.warmup}",
@@ -49,6 +58,16 @@ def train_run(method: str, out: Path, args) -> dict:
     summary["seconds"] = time.perf_counter() - t0
     summary["losses"] = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     return summary
+
+
+def _steps_list(parser, text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"--l2d-steps {text!r}: give comma-separated integers, e.g. 1,4,16")
+    if any(s < 1 for s in steps):
+        parser.error(f"--l2d-steps {text!r}: steps must be at least 1 (0 is the AR base, already in the table)")
+    return steps
 
 
 def _per_answer(row: dict, passes_per_answer: float) -> dict:
@@ -78,7 +97,15 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-train", action="store_true", help="reuse the runs already in --out")
     parser.add_argument("--no-ar-finetune", action="store_true",
                         help="train and evaluate the MDM and the AR base only (half the training time)")
+    parser.add_argument("--no-l2d", action="store_true", help="leave the L2D adapter out of the comparison")
+    parser.add_argument("--l2d-from", metavar="DIR",
+                        help="an L2D adapter trained on the same data and budget (e.g. runs/demo/l2d after "
+                             "`make demo --train-steps` = --train-steps) instead of training one here")
+    parser.add_argument("--l2d-steps", default="1,4,16", help="comma-separated solver steps for the L2D adapter")
     args = parser.parse_args(argv)
+    l2d_steps = _steps_list(parser, args.l2d_steps)
+    if args.l2d_from and not (Path(args.l2d_from) / "l2d_config.json").is_file():
+        parser.error(f"--l2d-from {args.l2d_from}: no l2d_config.json there; give an `l2d train` output folder.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..data import reasoning_gym_dataset
@@ -95,12 +122,15 @@ def main(argv=None) -> int:
     source = load_recipe(args.recipe).data.sources[0]
     base, tok = load_smollm2()
 
-    runs = {"mdm": out / "mdm", "ar-full": out / "ar-full"}
+    runs = {"mdm": out / "mdm", "ar-full": out / "ar-full", "l2d": Path(args.l2d_from or out / "l2d")}
     trained = (("mdm", "mdm"),) if args.no_ar_finetune else (("mdm", "mdm"), ("ar-full", "full"))
+    if not args.no_l2d and not args.l2d_from:
+        trained += (("l2d", "l2d"),)
     summaries = {}
     if not args.skip_train:
         for name, method in trained:
-            _say(f"training {name} (method {method}): {args.train_steps} steps x {args.batch} sequences, lr {args.lr}")
+            lr = "the recipe's" if method == "l2d" else args.lr
+            _say(f"training {name} (method {method}): {args.train_steps} steps x {args.batch} sequences, lr {lr}")
             summaries[name] = s = train_run(method, runs[name], args)
             curve = s["losses"]
             marks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1})
@@ -122,6 +152,14 @@ def main(argv=None) -> int:
         rows.append(row)
         # an AR answer costs one forward pass per generated token (cached keys/values)
         table.append(_per_answer(row, row["generated_tokens"] / row["n"]))
+    if not args.no_l2d:
+        l2d, l2d_tok, _ = load_for_eval(str(runs["l2d"]))
+        for row in evaluate(l2d, l2d_tok, task, l2d_steps, method="l2d", max_new_tokens=args.ar_max_new_tokens, **kw):
+            rows.append(row)
+            # one main-path pass per generated token, plus `steps` evaluations of the diffusion path (its
+            # stream: the recipe's top 8 of 30 layers) and the read-out
+            table.append(_per_answer(row, row["generated_tokens"] / row["n"]) | {"NFE/token": row["nfe_per_token"]})
+        del l2d
     mdm, mdm_tok, _ = load_for_eval(str(runs["mdm"]))
     steps = sorted({2 ** k for k in range(args.positions.bit_length()) if 2 ** k <= args.positions} | {args.positions})
     for row in evaluate(mdm, mdm_tok, task, steps, method="mdm", max_new_tokens=args.positions, **kw):
