@@ -1,9 +1,10 @@
 """Derived specs (l2d/arch_derive.py) and the wrap-time check (l2d/arch_check.py).
 
 A family without a hand-written spec is wrapped from a spec derived from the model itself and
-accepted only when every rebuilt decoder layer matches the real one; everything the hand-written
-families promise then holds for it too: t=0 is the base, training reaches the path, steps=0
-generation is base.generate token for token (left padding included), save/load round-trips.
+accepted only when its rebuilt decoder layers (the first, the last and one of each kind) match the
+real ones; everything the hand-written families promise then holds for it too: t=0 is the base,
+training reaches the path, steps=0 generation is base.generate token for token (left padding
+included), save/load round-trips.
 """
 import dataclasses
 
