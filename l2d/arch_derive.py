@@ -13,7 +13,10 @@ tells where everything sits:
   attention`` makes the block parallel (GPT-J/NeoX, falcon, cohere);
 - each norm's kind, by probing it: ``n(x) w``, ``n(x) (1 + w)`` for RMS and layer norms;
 - positions: layers that call the family's ``apply_rotary_pos_emb`` during the trace have rotary
-  positions, the others none (NoPE); no rotary module at all: learned or no positions;
+  positions, the others none (NoPE); no rotary module at all: learned or no positions. The trace
+  runs the layers the wrap-time check rebuilds (the first, the last and one of each kind, see
+  ``l2d.arch_check.checked_layers``) and passes the others through: a layer not run has its
+  kind's positions;
 - the MLP's parts, by probing candidates (gated, fused gate_up, plain) against the module; none
   matching (mixture-of-experts) leaves it a module with a parallel delta on its input/output.
 
@@ -175,7 +178,11 @@ def _first_tensor(args, kwargs):
 def _trace(model, layers, attn_name: str, mlp_name: str, family) -> dict:
     """Inputs/outputs of layer 0's children in call order, which layers apply rotary positions,
     and the cached keys' shape."""
+    from .arch_check import checked_layers, layer_kinds, only_layers
+
     backbone = model.base_model
+    kinds = layer_kinds(layers, model.config)  # before any hook of the trace
+    run = checked_layers(layers, model.config)
     calls, seen, hooks = [], {}, []
     rope_layers, current = set(), [None]
 
@@ -205,10 +212,20 @@ def _trace(model, layers, attn_name: str, mlp_name: str, family) -> dict:
     ids = torch.arange(3, 10, device=emb.device).remainder(emb.shape[0]).unsqueeze(0)
     was_training = model.training
     model.eval()
-    try:
+
+    def forward():
         with torch.no_grad():
-            out = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                           **{cache_kw: DynamicCache()})
+            return backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                            **{cache_kw: DynamicCache()})
+
+    try:
+        try:
+            with only_layers(layers, run):
+                out = forward()
+        except Exception:  # noqa: BLE001 - a stack that needs every layer's own output: run them all
+            calls.clear(), rope_layers.clear()
+            run = range(len(layers))
+            out = forward()
     except Exception as e:  # noqa: BLE001 - any failure here means the family is not standard
         raise refusal(family, f"the traced forward failed ({type(e).__name__}: {e})") from e
     finally:
@@ -218,6 +235,7 @@ def _trace(model, layers, attn_name: str, mlp_name: str, family) -> dict:
             module.apply_rotary_pos_emb = rotate
         model.train(was_training)
     cache = out.get("cache", None) or out.get("past_key_values", None)
+    rope_layers = {i for i in range(len(layers)) if (i if i in run else kinds[i]) in rope_layers}
     return dict(calls=calls, layer_in=seen["layer_in"], attn=attn_name, mlp=mlp_name, rope_layers=rope_layers,
                 rotate=rotate, kv_shape=_kv_shape(cache, len(layers), family), dtype=emb.dtype)
 

@@ -1,9 +1,10 @@
 """Derived specs (l2d/arch_derive.py) and the wrap-time check (l2d/arch_check.py).
 
 A family without a hand-written spec is wrapped from a spec derived from the model itself and
-accepted only when every rebuilt decoder layer matches the real one; everything the hand-written
-families promise then holds for it too: t=0 is the base, training reaches the path, steps=0
-generation is base.generate token for token (left padding included), save/load round-trips.
+accepted only when its rebuilt decoder layers (the first, the last and one of each kind) match the
+real ones; everything the hand-written families promise then holds for it too: t=0 is the base,
+training reaches the path, steps=0 generation is base.generate token for token (left padding
+included), save/load round-trips.
 """
 import dataclasses
 
@@ -13,8 +14,8 @@ import torch
 import l2d.arch
 from l2d import L2DModel, get_l2d_model
 from l2d.arch import ArchAdapter, ArchRefused, get_spec
-from l2d.arch_check import check
-from tiny import DERIVED, FAMILIES, batch, randomize_path, tiny_base, tiny_config
+from l2d.arch_check import check, checked_layers
+from tiny import COMMON, DERIVED, FAMILIES, batch, randomize_path, tiny_base, tiny_config
 
 
 def _left_padded():
@@ -159,3 +160,100 @@ def test_recurrent_and_alibi_families_are_refused_with_the_reason(family, kw, ma
     base = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw))
     with pytest.raises(ArchRefused, match=f"'{family}': .*{match}.*Supported families: .*llama"):
         get_l2d_model(base, tiny_config())
+
+
+# --- which layers the check rebuilds -------------------------------------------------------
+def _smollm3(**kw):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("smollm3", **{**COMMON, "num_key_value_heads": 2, **kw})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("make,checked", [
+    (lambda: tiny_base("llama", num_hidden_layers=6), [0, 5]),  # all alike: the first and the last
+    (lambda: tiny_base("gemma3_text", num_hidden_layers=6), [0, 1, 5]),  # sliding and full layers
+    (lambda: tiny_base("cohere2", num_hidden_layers=6, layer_types=["sliding_attention"] * 3 + [
+        "full_attention", "full_attention", "sliding_attention"]), [0, 3, 5]),  # full layers without rotary
+    (lambda: tiny_base("qwen2_moe", num_hidden_layers=6, mlp_only_layers=[2, 3]), [0, 2, 5]),  # dense layers
+    (lambda: _smollm3(num_hidden_layers=6, no_rope_layer_interval=2), [0, 1, 5]),  # NoPE layers
+])
+def test_the_check_rebuilds_the_first_the_last_and_one_layer_of_each_kind(make, checked):
+    base = make()
+    assert checked_layers(base.model.layers, base.config) == checked
+
+
+def test_a_layer_with_a_patched_forward_or_its_own_hook_is_a_kind_of_its_own():
+    base = tiny_base("llama", num_hidden_layers=6)
+    base.model.layers[2].mlp.forward = _adds_constant(base.model.layers[2].mlp.forward)
+    base.model.layers[3].self_attn.register_forward_hook(lambda m, a, out: None)
+    assert checked_layers(base.model.layers, base.config) == [0, 2, 3, 5]
+
+
+def test_the_check_runs_only_the_layers_it_rebuilds_and_restores_the_model():
+    base = tiny_base("llama", num_hidden_layers=6, vocab_size=1000)  # a head of more than HEAD_ROWS rows
+    ran = []
+    for i, layer in enumerate(base.model.layers):
+        layer.mlp.register_forward_hook(lambda m, a, out, i=i: ran.append(i))  # the same hook on each
+    assert check(ArchAdapter(base, verify=False)) < 1e-5
+    assert ran == [0, 5]
+    assert all("forward" not in vars(m) for m in base.modules())  # no pass-through or cut head left
+    ids, _ = batch()
+    ran.clear()
+    with torch.no_grad():
+        assert base(input_ids=ids).logits.shape[-1] == 1000
+    assert ran == list(range(6))
+
+
+def test_the_logits_check_sees_a_wrong_post_process_on_the_head_rows_it_computes():
+    base = tiny_base("granite", vocab_size=1000)
+    arch = ArchAdapter(base, verify=False)
+    real = arch.logits_postprocess
+    arch.logits_postprocess = lambda logits: real(logits) * 1.01
+    with pytest.raises(ArchRefused, match=r"logits \(final norm and head\) does not match"):
+        check(arch)
+
+
+def test_a_broken_middle_layer_of_a_deep_model_is_refused():
+    base = tiny_base("helium", num_hidden_layers=5)
+    base.model.layers[2].forward = _adds_constant(base.model.layers[2].forward)
+    with pytest.raises(ArchRefused, match=r"layer output \(norms and residuals\) does not match the rebuilt "
+                                          r"layer at layer 2"):
+        get_l2d_model(base, tiny_config())
+
+
+def test_a_layer_kind_the_spec_gets_wrong_is_refused_and_the_derivation_finds_every_layer_of_it():
+    base = tiny_base("cohere2", num_hidden_layers=6, layer_types=["sliding_attention"] * 3 + [
+        "full_attention", "full_attention", "sliding_attention"])
+    spec = ArchAdapter(base).spec
+    assert spec.derived and spec.nope_layers == (3, 4)  # layer 4 not run by the trace: its kind's
+    with pytest.raises(ArchRefused, match="attention output does not match the rebuilt layer at layer 3"):
+        check(ArchAdapter(base, dataclasses.replace(spec, nope_layers=()), verify=False))
+    nope = _smollm3(num_hidden_layers=6, no_rope_layer_interval=2)
+    assert ArchAdapter(nope).spec.nope_layers == (1, 3, 5)
+
+
+def test_a_stack_that_needs_every_layer_is_traced_and_checked_with_all_of_them(monkeypatch):
+    """Where passing a layer through breaks the forward, the trace and the check run every layer."""
+    base = tiny_base("llama", num_hidden_layers=4)
+    ran = []
+    cls = type(base.model.layers[0])
+    real = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **kw: ran.append(1) or real(self, *a, **kw))
+    base.model.embed_tokens.register_forward_hook(lambda *a: ran.clear())
+
+    def needs_all(module, args):
+        if len(ran) < 4:
+            raise RuntimeError("a layer was passed through")
+    base.model.norm.register_forward_pre_hook(needs_all)
+    monkeypatch.delitem(l2d.arch.SPECS, "llama")
+    assert get_l2d_model(base, tiny_config()).arch.spec.derived
+
+
+def test_a_hand_written_family_is_wrapped_without_the_check(monkeypatch):
+    """The fast path: tests/test_arch.py checks the hand-written specs once, not every wrap."""
+    import l2d.arch_check as arch_check
+
+    monkeypatch.setattr(arch_check, "check", lambda *a, **kw: pytest.fail("checked a hand-written spec"))
+    get_l2d_model(tiny_base("llama"), tiny_config())
