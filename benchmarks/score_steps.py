@@ -23,6 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="recipes/smollm2-135m/arithmetic.yaml", help="the recipe it was trained on")
     p.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer")
     p.add_argument("--batch-size", type=int, default=48, help="prompts per generate call")
+    p.add_argument("--grid", default="uniform", choices=("uniform", "cosmap"),
+                   help="greedy only: the solver grid's spacing (cosmap puts more steps near t = 1)")
+    p.add_argument("--estimate", default="expected", choices=("expected", "argmax", "sample"),
+                   help="greedy only: the velocity's clean-latent estimate")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,10 +43,11 @@ def main(argv=None) -> int:
     model, tok, _ = load_for_eval(args.adapter)
     for steps in (int(s) for s in args.steps.split(",")):
         t0 = time.perf_counter()
-        r = evaluate(model, tok, val_task, [steps], method=args.adapter, protocol=args.protocol,
+        greedy = {"grid": args.grid, "estimate": args.estimate} if args.protocol == "greedy" else {}
+        r = evaluate(model, tok, val_task, [steps], method=args.adapter, protocol=args.protocol, **greedy,
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0,
                      prompt_format="chat", progress=False)[0]
-        print(json.dumps({"adapter": args.adapter, "protocol": args.protocol, "steps": steps, "n": r["n"],
+        print(json.dumps({"adapter": args.adapter, "protocol": args.protocol, **greedy, "steps": steps, "n": r["n"],
                           "correct": r["correct"], "accuracy %": round(100 * r["accuracy"], 1),
                           "nfe_per_token": round(r["nfe_per_token"], 1),
                           "seconds": round(time.perf_counter() - t0)}), flush=True)

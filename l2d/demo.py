@@ -339,6 +339,13 @@ def _path_settings(out: Path) -> str | None:
             + f", lr {r.train.lr:g} (chosen on a validation split: benchmarks/README.md, \"Sample efficiency\")")
 
 
+def _trained_runs(rows) -> str:
+    """The trained runs of a results table, in words."""
+    names = {"l2d": "L2D", "lora": "LoRA r=32 on all linear layers", "lora+l2d": "L2D on top of the merged LoRA model"}
+    present = [text for method, text in names.items() if any(r["method"] == method for r in rows)]
+    return ", ".join(present[:-1]) + (" and " if len(present) > 1 else "") + present[-1]
+
+
 def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
     """docs/DEMO.md from a finished run in `out` (results.json, table.txt, steps.png)."""
     import json
@@ -372,7 +379,7 @@ def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
         f"`recipes/smollm2-135m/arithmetic.yaml` (4000 problems, seed 0) with the system prompt "
         f"\"{res.get('system_prompt')}\" for training and evaluation alike",
         f"- training budget: {budget['train_steps']} optimizer steps of 32 sequences for each run "
-        "(L2D, LoRA r=32 on all linear layers, and L2D on top of the merged LoRA model)",
+        f"({_trained_runs(rows)})",
         _path_settings(out),
         f"- held-out: {res['n']} problems from seed {res['heldout_seed']}; "
         f"{res['heldout_removed_as_in_training']} generated problems whose question also occurs in the training "

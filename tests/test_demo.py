@@ -54,7 +54,16 @@ def test_doc_states_what_the_numbers_show(tmp_path):
     plot_rows(rows, tmp_path / "steps.png")
     doc = write_doc(tmp_path, tmp_path / "docs" / "DEMO.md", tmp_path / "docs" / "demo_steps.png").read_text()
     assert "the table" in doc and "demo_steps.png" in doc and "below LoRA" in doc
+    assert "(L2D, LoRA r=32 on all linear layers and L2D on top of the merged LoRA model)" in doc
     assert (tmp_path / "docs" / "demo_steps.png").is_file()
+
+
+def test_doc_names_only_the_runs_that_were_trained():
+    from l2d.demo import _trained_runs
+
+    assert _trained_runs([_row("base", 0, 0.1), _row("lora", 0, 0.4), _row("l2d", 1, 0.4)]) == \
+        "L2D and LoRA r=32 on all linear layers"
+    assert _trained_runs([_row("l2d", 1, 0.4)]) == "L2D"
 
 
 def test_bad_step_list_is_refused_before_any_work(capsys):
