@@ -65,6 +65,23 @@ def head_kwargs(config) -> dict:
 FUSED_GATE_UP = "<fused with gate>"
 
 
+# Each ``q_layout``: the default name of the module whose output holds the queries, and how that
+# output groups them (viewed as [..., groups, slots, head_dim], each group's first slots are queries).
+Q_LAYOUTS = {
+    "separate": ("q_proj", "one"),             # [q]
+    "phi3": ("qkv_proj", "one"),               # rows [q | k | v]
+    "gpt2": ("c_attn", "one"),                 # Conv1D columns [q | k | v]
+    "neox": ("query_key_value", "head"),       # [q_h | k_h | v_h] for each head h
+    "grouped": (None, "kv_group"),             # [q_g.. | k_g | v_g] for each key/value group g
+}
+
+
+def _q_layout(layout: str) -> tuple[str | None, str]:
+    if layout not in Q_LAYOUTS:
+        raise ValueError(f"unknown q_layout {layout!r}")
+    return Q_LAYOUTS[layout]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One family's layout. Attribute names are relative to the decoder layer unless noted.
@@ -244,59 +261,48 @@ class ArchAdapter:
     def mlp(self, i: int) -> nn.Module:
         return getattr(self.layers[i], self.spec.mlp)
 
+    def query_groups(self) -> tuple[int, int]:
+        """Where the queries sit in ``q_module``'s output: viewed as [..., groups, slots, head_dim],
+        they are the first slots of each group. Returns (groups, query heads per group)."""
+        n_heads = self.head_dims[0]
+        groups = {"one": 1, "head": n_heads, "kv_group": self.kv_dims[0]}[_q_layout(self.spec.q_layout)[1]]
+        return groups, n_heads // groups
+
+    def query_weight(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``i``'s frozen query weight [heads * head_dim, in] and bias: views into
+        ``q_module(i)``'s parameters (a Conv1D's weight is stored [in, out], so read transposed)."""
+        module = self.q_module(i)
+        w, b = module.weight, module.bias
+        if self.spec.q_layout == "gpt2":
+            w = w.T
+        groups, per = self.query_groups()
+        head_dim = self.head_dims[1]
+        wq = w.view(groups, -1, head_dim, w.shape[-1])[:, :per].reshape(groups * per * head_dim, -1)
+        bq = None if b is None else b.view(groups, -1, head_dim)[:, :per].reshape(groups * per * head_dim)
+        return wq, bq
+
     def query_projection(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """The frozen query projection of ``x`` ([..., H] -> [..., heads * head_dim])."""
-        attn = self.attn(i)
-        layout = self.spec.q_layout
-        if layout == "separate":
-            return attn.q_proj(x)
-        n_heads, head_dim = self.head_dims
-        q_size = n_heads * head_dim
-        if layout == "phi3":  # rows [q | k | v]
-            w, b = self.q_module(i).weight, self.q_module(i).bias
-            return F.linear(x, w[:q_size], None if b is None else b[:q_size])
-        if layout == "gpt2":  # Conv1D stores [in, out]; columns [q | k | v]
-            w, b = attn.c_attn.weight, attn.c_attn.bias
-            return torch.addmm(b[:q_size], x.reshape(-1, x.shape[-1]), w[:, :q_size]).view(*x.shape[:-1], q_size)
-        if layout == "neox":  # rows interleaved per head: [q_h | k_h | v_h] for each head h
-            w, b = self.q_module(i).weight, self.q_module(i).bias
-            wq = w.view(n_heads, 3, head_dim, -1)[:, 0].reshape(q_size, -1)
-            bq = None if b is None else b.view(n_heads, 3, head_dim)[:, 0].reshape(q_size)
-            return F.linear(x, wq, bq)
-        if layout == "grouped":  # per key/value group: [q of its heads | k | v]
-            w, b = self.q_module(i).weight, self.q_module(i).bias
-            kv_heads = self.kv_dims[0]
-            per = n_heads // kv_heads
-            wq = w.view(kv_heads, per + 2, head_dim, -1)[:, :per].reshape(q_size, -1)
-            bq = None if b is None else b.view(kv_heads, per + 2, head_dim)[:, :per].reshape(q_size)
-            return F.linear(x, wq, bq)
-        raise ValueError(f"unknown q_layout {layout!r}")
+        if self.spec.q_layout == "separate":
+            return self.q_module(i)(x)
+        wq, bq = self.query_weight(i)
+        if self.spec.q_layout == "gpt2":  # as Conv1D computes it: b + x @ W
+            return torch.addmm(bq, x.reshape(-1, x.shape[-1]), wq.T).view(*x.shape[:-1], wq.shape[0])
+        return F.linear(x, wq, bq)
 
     def q_module(self, i: int) -> nn.Module:
         """The module whose output holds layer ``i``'s queries (fused with k/v in some families)."""
-        names = {"separate": "q_proj", "phi3": "qkv_proj", "gpt2": "c_attn", "neox": "query_key_value"}
-        return getattr(self.attn(i), self.spec.q_module or names[self.spec.q_layout])
+        return getattr(self.attn(i), self.spec.q_module or _q_layout(self.spec.q_layout)[0])
 
     def add_to_queries(self, i: int, out: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
         """``q_module(i)``'s output with ``dq`` [..., heads * head_dim] added to its query part only."""
-        layout = self.spec.q_layout
-        if layout == "separate":
+        if self.spec.q_layout == "separate":
             return out + dq
-        n_heads, head_dim = self.head_dims
-        if layout in ("phi3", "gpt2"):  # [q | k | v] along the last dimension
-            q_size = n_heads * head_dim
-            return torch.cat([out[..., :q_size] + dq, out[..., q_size:]], dim=-1)
-        if layout == "neox":  # [q_h | k_h | v_h] for each head h
-            per_head = out.view(*out.shape[:-1], n_heads, 3, head_dim)
-            dq = dq.view(*dq.shape[:-1], n_heads, 1, head_dim)
-            return torch.cat([per_head[..., :1, :] + dq, per_head[..., 1:, :]], dim=-2).view(out.shape)
-        if layout == "grouped":  # [q_g.. | k_g | v_g] for each key/value group g
-            kv_heads = self.kv_dims[0]
-            per = n_heads // kv_heads
-            groups = out.view(*out.shape[:-1], kv_heads, per + 2, head_dim)
-            dq = dq.view(*dq.shape[:-1], kv_heads, per, head_dim)
-            return torch.cat([groups[..., :per, :] + dq, groups[..., per:, :]], dim=-2).view(out.shape)
-        raise ValueError(f"unknown q_layout {layout!r}")
+        groups, per = self.query_groups()
+        head_dim = self.head_dims[1]
+        slots = out.view(*out.shape[:-1], groups, -1, head_dim)
+        dq = dq.view(*dq.shape[:-1], groups, per, head_dim)
+        return torch.cat([slots[..., :per, :] + dq, slots[..., per:, :]], dim=-2).view(out.shape)
 
     def shape_queries(self, i: int, q: torch.Tensor) -> torch.Tensor:
         """[B, Tq, heads * hd] -> [B, heads, Tq, hd], with the family's query norm."""

