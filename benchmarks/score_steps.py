@@ -27,12 +27,16 @@ def main(argv=None) -> int:
                    help="greedy only: the solver grid's spacing (cosmap puts more steps near t = 1)")
     p.add_argument("--estimate", default="expected", choices=("expected", "argmax", "sample"),
                    help="greedy only: the velocity's clean-latent estimate")
+    p.add_argument("--early-stop", type=float, metavar="P",
+                   help="greedy only: end a token's solve once its argmax holds with probability >= P "
+                        "(l2d.generation.EarlyStop, patience 2)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from l2d.data import reasoning_gym_dataset
     from l2d.demo import VALIDATION_SEED, heldout_task
     from l2d.eval.command import load_for_eval
+    from l2d.generation import EarlyStop
     from l2d.eval.runner import evaluate
     from l2d.recipe import load_recipe
 
@@ -44,10 +48,13 @@ def main(argv=None) -> int:
     for steps in (int(s) for s in args.steps.split(",")):
         t0 = time.perf_counter()
         greedy = {"grid": args.grid, "estimate": args.estimate} if args.protocol == "greedy" else {}
+        if greedy and args.early_stop is not None:
+            greedy["early_stop"] = EarlyStop(args.early_stop, 2)
         r = evaluate(model, tok, val_task, [steps], method=args.adapter, protocol=args.protocol, **greedy,
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0,
                      prompt_format="chat", progress=False)[0]
-        print(json.dumps({"adapter": args.adapter, "protocol": args.protocol, **greedy, "steps": steps, "n": r["n"],
+        shown = {k: (v if k != "early_stop" else v.threshold) for k, v in greedy.items()}
+        print(json.dumps({"adapter": args.adapter, "protocol": args.protocol, **shown, "steps": steps, "n": r["n"],
                           "correct": r["correct"], "accuracy %": round(100 * r["accuracy"], 1),
                           "nfe_per_token": round(r["nfe_per_token"], 1),
                           "seconds": round(time.perf_counter() - t0)}), flush=True)
