@@ -1,14 +1,18 @@
 """`l2d train` with `method: mdm` on a tiny recipe, resume, and `l2d eval` of the result."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from l2d.mdm import MaskedDiffusionModel
 from l2d.recipe import RecipeError, recipe_from_dict
 from l2d.train import train
-from test_train import base_dir, data_file, losses, make_recipe  # noqa: F401  (fixtures)
+from test_train import _same_weights, base_dir, data_file, losses, make_recipe  # noqa: F401  (fixtures)
 
 
 def mdm_recipe(base_dir, data_file, out, **mdm):
@@ -99,3 +103,42 @@ def test_cli_generates_with_an_mdm_model(tmp_path, base_dir, data_file, capsys):
     assert main(["generate", str(out), "--prompt", "what is two plus three", "--steps", "2",
                  "--max-new-tokens", "4"]) == 0
     assert "4 positions, 2 forward passes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_two_process_ddp_matches_one_process(tmp_path, base_dir, data_file, finetuning):
+    """As for L2D (tests/test_train.py): the same global batch (4) as 1 process x 2 accumulation steps
+    and as 2 gloo processes (DDP) x 1. Each micro-batch draws its t, its masks and its annealed
+    attention openings from a seed of (step, index in the global batch), not of the process layout,
+    so the loss curve and the saved model are those of one process up to float summation order; the
+    saved model loads and predicts as the one-process one. The two-process run stops after step 2 and
+    resumes from its checkpoint (the [MASK] row added again, the annealing step restored)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    kw = dict(finetuning=finetuning, lora_r=4)
+    raw = mdm_recipe(base_dir, data_file, one, **kw)
+    raw["train"].update(max_steps=3, save_every=0)  # the attention half open at step 1 (anneal_steps 2)
+    train(recipe_from_dict(raw))
+    raw = mdm_recipe(base_dir, data_file, two, **kw)
+    raw["train"].update(max_steps=3, save_every=0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "l2d", "train", str(recipe)]
+    for extra in (["--stop-after", "2"], ["--resume", str(two)]):  # stopped after step 2, then resumed
+        proc = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "2 process(es) x 1 accumulation" in proc.stderr
+    assert (two / "checkpoints" / "step-000002").is_dir() and len(losses(two)) == 3
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert _same_weights(one, two, "model.safetensors" if finetuning == "full" else "adapter_model.safetensors")
+    assert json.loads((two / "mdm_config.json").read_text()) == json.loads((one / "mdm_config.json").read_text())
+
+    def load(out):
+        base = None if finetuning == "full" else _base(base_dir)
+        return MaskedDiffusionModel.from_pretrained(str(out), base_model=base).eval()
+
+    ids = torch.tensor([[1, 9, 10, 13, 11]])
+    with torch.no_grad():
+        a, b = load(one)(ids).logits, load(two)(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
