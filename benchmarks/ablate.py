@@ -112,6 +112,13 @@ SETTINGS = {
                                          "train.encoder_lr_scale=1.0", "l2d.trajectory_training=0.5",
                                          "l2d.self_conditioning=0.5"],
     "steps-open-traj": RECIPE_LP4 + ["l2d.trajectory_training=0.5"],
+    # open gate (fast to learn) with trainable heads (conditions on t) and the encoder at the full rate
+    # (reads x_t), then trained on its own trajectories
+    "steps-open-heads": RECIPE_LP4 + ["train.head_lr_scale=1.0", "train.encoder_lr_scale=1.0"],
+    "steps-open-heads-traj": RECIPE_LP4 + ["train.head_lr_scale=1.0", "train.encoder_lr_scale=1.0",
+                                           "l2d.trajectory_training=0.5"],
+    "steps-open-heads-traj-sigma8": RECIPE_LP4 + ["train.head_lr_scale=1.0", "train.encoder_lr_scale=1.0",
+                                                  "l2d.trajectory_training=0.5", "l2d.sigma=8.0"],
     "steps-open-traj-sc": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.self_conditioning=0.5"],
     "steps-open-traj-uniform": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.schedule=uniform"],
     "lora": ["method=lora"],

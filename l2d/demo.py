@@ -116,7 +116,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[int], list[int]]:
     parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (data, model, hyper-parameters)")
     parser.add_argument("--train-steps", type=int, help="optimizer steps per training run (overrides the budget)")
     parser.add_argument("--n", type=int, help="held-out problems (overrides the budget)")
-    parser.add_argument("--batch-size", type=int, default=25, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="prompts per generate call (results do not depend on it: each row draws its own seeded noise; "
+                             "one call for all 80 quick-budget problems is 1.3-2x faster on the CPU than 25 a call)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer")
     parser.add_argument("--steps", default=",".join(map(str, STEPS)),
                         help="comma-separated step counts of the held-out evaluation (default: %(default)s)")

@@ -1,7 +1,7 @@
 """Masked-diffusion adaptation of SmolLM2-135M-Instruct on 2-term arithmetic, offline, on the CPU.
 
-    python -m l2d.mdm.demo                          # ~25 min on 2 CPU cores
-    python -m l2d.mdm.demo --train-steps 80 --l2d-from runs/demo/l2d   # reuse make demo's L2D adapter
+    python -m l2d.mdm.demo                          # ~35 min on 2 CPU cores
+    python -m l2d.mdm.demo --l2d-from runs/demo/l2d # reuse make demo's L2D adapter (same data, 80 x 32)
     python -m l2d.mdm.demo --train-steps 20 --n 40 --no-l2d            # a smoke run
 
 1. Train with the same data, recipe and budget (recipes/smollm2-135m/arithmetic.yaml, reasoning-gym
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/mdm-demo", help="output folder")
     parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (data, model)")
-    parser.add_argument("--train-steps", type=int, default=60, help="optimizer steps per training run")
+    parser.add_argument("--train-steps", type=int, default=80,
+                        help="optimizer steps per training run (80: make demo's quick budget)")
     parser.add_argument("--batch", type=int, default=32, help="sequences per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (full fine-tuning)")
     parser.add_argument("--warmup", type=int, default=5, help="warmup steps")
