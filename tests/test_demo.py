@@ -32,7 +32,7 @@ def _row(method, steps, acc, n=80):
 def test_doc_states_what_the_numbers_show(tmp_path):
     import json
 
-    from l2d.demo import _verdict, write_doc
+    from l2d.demo_doc import _verdict, write_doc
     from l2d.eval.runner import plot_rows
 
     rising = [_row("l2d", 0, 0.1), _row("l2d", 4, 0.3), _row("l2d", 16, 0.5)]
@@ -59,7 +59,7 @@ def test_doc_states_what_the_numbers_show(tmp_path):
 
 
 def test_doc_names_only_the_runs_that_were_trained():
-    from l2d.demo import _trained_runs
+    from l2d.demo_doc import _trained_runs
 
     assert _trained_runs([_row("base", 0, 0.1), _row("lora", 0, 0.4), _row("l2d", 1, 0.4)]) == \
         "L2D and LoRA r=32 on all linear layers"

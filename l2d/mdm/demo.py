@@ -78,7 +78,8 @@ def _per_answer(row: dict, passes_per_answer: float) -> dict:
             "ms/answer": round(1000 * row["seconds"] / row["n"], 1)}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
+    """The flags, checked before any work; returns them and the L2D adapter's step counts."""
     parser = argparse.ArgumentParser(prog="python -m l2d.mdm.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/mdm-demo", help="output folder")
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                         help="answer positions the MDM decodes (answers of 2-term 2-digit arithmetic: <= 3 "
                              "tokens plus the end of turn)")
     parser.add_argument("--ar-max-new-tokens", type=int, default=8, help="AR generation budget per answer")
-    parser.add_argument("--batch-size", type=int, default=25, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=int, default=100, help="prompts per generate call")
     parser.add_argument("--skip-train", action="store_true", help="reuse the runs already in --out")
     parser.add_argument("--no-ar-finetune", action="store_true",
                         help="train and evaluate the MDM and the AR base only (half the training time)")
@@ -107,44 +108,32 @@ def main(argv=None) -> int:
     l2d_steps = _steps_list(parser, args.l2d_steps)
     if args.l2d_from and not (Path(args.l2d_from) / "l2d_config.json").is_file():
         parser.error(f"--l2d-from {args.l2d_from}: no l2d_config.json there; give an `l2d train` output folder.")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..data import reasoning_gym_dataset
-    from ..eval.command import load_for_eval
-    from ..eval.metrics import format_table
-    from ..eval.runner import evaluate, write_json
-    from ..eval.tasks import HELD_OUT_SEED
-    from ..pretrained import load_smollm2
-    from ..recipe import load_recipe
+    return args, l2d_steps
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    source = load_recipe(args.recipe).data.sources[0]
-    base, tok = load_smollm2()
 
-    runs = {"mdm": out / "mdm", "ar-full": out / "ar-full", "l2d": Path(args.l2d_from or out / "l2d")}
+def train_all(args, runs: dict[str, Path]) -> dict[str, dict]:
+    """Step 1: the MDM, the AR fine-tune and the L2D adapter, each unless left out or reused."""
     trained = (("mdm", "mdm"),) if args.no_ar_finetune else (("mdm", "mdm"), ("ar-full", "full"))
     if not args.no_l2d and not args.l2d_from:
         trained += (("l2d", "l2d"),)
     summaries = {}
-    if not args.skip_train:
-        for name, method in trained:
-            lr = "the recipe's" if method == "l2d" else args.lr
-            _say(f"training {name} (method {method}): {args.train_steps} steps x {args.batch} sequences, lr {lr}")
-            summaries[name] = s = train_run(method, runs[name], args)
-            curve = s["losses"]
-            marks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1})
-            print(f"  loss by step: " + ", ".join(f"{i + 1}: {curve[i]:.3f}" for i in marks)
-                  + f"  ({s['seconds']:.0f} s, {s['seconds'] / len(curve):.2f} s/step)")
+    for name, method in () if args.skip_train else trained:
+        lr = "the recipe's" if method == "l2d" else args.lr
+        _say(f"training {name} (method {method}): {args.train_steps} steps x {args.batch} sequences, lr {lr}")
+        summaries[name] = s = train_run(method, runs[name], args)
+        curve = s["losses"]
+        marks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve) - 1})
+        print("  loss by step: " + ", ".join(f"{i + 1}: {curve[i]:.3f}" for i in marks)
+              + f"  ({s['seconds']:.0f} s, {s['seconds'] / len(curve):.2f} s/step)")
+    return summaries
 
-    _say("held-out problems")
-    train_questions = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
-                                                **source.generator_kwargs)["prompt"])
-    task, removed = heldout_task(source, args.n, HELD_OUT_SEED, train_questions)
-    print(f"  {len(task)} problems (seed {HELD_OUT_SEED}; {removed} that occur in training removed)")
+
+def evaluate_all(args, task, base, tok, runs: dict[str, Path], l2d_steps: list[int]) -> tuple[list, list]:
+    """Step 2: every model on the held-out problems, greedy; the rows and the cost table."""
+    from ..eval.command import load_for_eval
+    from ..eval.runner import evaluate
+
     kw = dict(batch_size=args.batch_size, seed=0, prompt_format="chat", progress=False)
-
     rows, table = [], []
     for name, model in (("base", base),) + ((("ar-full", None),) if not args.no_ar_finetune else ()):
         if model is None:
@@ -166,6 +155,35 @@ def main(argv=None) -> int:
     for row in evaluate(mdm, mdm_tok, task, steps, method="mdm", max_new_tokens=args.positions, **kw):
         rows.append(row)
         table.append(_per_answer(row, row["steps"]))
+    return rows, table
+
+
+def main(argv=None) -> int:
+    args, l2d_steps = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..data import reasoning_gym_dataset
+    from ..eval.metrics import format_table
+    from ..eval.runner import write_json
+    from ..eval.tasks import HELD_OUT_SEED
+    from ..pretrained import load_smollm2
+    from ..recipe import load_recipe
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    source = load_recipe(args.recipe).data.sources[0]
+    base, tok = load_smollm2()
+    runs = {"mdm": out / "mdm", "ar-full": out / "ar-full", "l2d": Path(args.l2d_from or out / "l2d")}
+    summaries = train_all(args, runs)
+
+    _say("held-out problems")
+    train_questions = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
+                                                **source.generator_kwargs)["prompt"])
+    task, removed = heldout_task(source, args.n, HELD_OUT_SEED, train_questions)
+    print(f"  {len(task)} problems (seed {HELD_OUT_SEED}; {removed} that occur in training removed)")
+    rows, table = evaluate_all(args, task, base, tok, runs, l2d_steps)
+
     text = format_table(table)
     header = (f"basic_arithmetic (2 terms, +/-), {len(task)} held-out problems, greedy; "
               f"{args.train_steps} steps x {args.batch} sequences per trained model, lr {args.lr}\n"
