@@ -111,15 +111,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from l2d.data import reasoning_gym_dataset
-    from l2d.demo import VALIDATION_SEED, heldout_task
+    from l2d.demo import validation_task
     from l2d.eval.command import load_for_eval
-    from l2d.recipe import load_recipe
 
-    source = load_recipe(args.recipe).data.sources[0]
-    seen = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
-                                     **source.generator_kwargs)["prompt"])
-    task, _ = heldout_task(source, args.n, VALIDATION_SEED, seen)
+    task = validation_task(args.recipe, args.n)
     model, tok, _ = load_for_eval(args.adapter)
     model.eval()
     rows = answer_rows(tok, task, args.n)

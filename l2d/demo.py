@@ -75,6 +75,18 @@ def heldout_task(source, size: int, seed: int, train_questions: set[str]):
     return task, removed
 
 
+def validation_task(recipe_path, size: int):
+    """The validation problems that settings are chosen on: the recipe's generator at
+    ``VALIDATION_SEED``, prompted as in training, without any question of its training data."""
+    from .data import reasoning_gym_dataset
+    from .recipe import load_recipe
+
+    source = load_recipe(recipe_path).data.sources[0]
+    seen = set(reasoning_gym_dataset(source.name.split(":", 1)[-1], source.n, seed=source.seed,
+                                     **source.generator_kwargs)["prompt"])
+    return heldout_task(source, size, VALIDATION_SEED, seen)[0]
+
+
 def train_run(recipe_path: Path, method: str, out: Path, steps: int, base: str | None = None,
               overrides: list[str] = ()) -> dict:
     from .recipe import load_recipe

@@ -21,6 +21,21 @@ def test_heldout_problems_never_occur_in_training():
     assert removed_all >= 20 and len(same) <= 10
 
 
+def test_validation_problems_are_neither_training_nor_heldout_problems():
+    from l2d.demo import RECIPE, heldout_task, validation_task
+    from l2d.eval.tasks import HELD_OUT_SEED
+    from l2d.recipe import load_recipe
+
+    source = load_recipe(RECIPE).data.sources[0]
+    train_q = set(reasoning_gym_dataset("basic_arithmetic", source.n, seed=source.seed,
+                                        **source.generator_kwargs)["prompt"])
+    val = [ex.messages[-1]["content"] for ex in validation_task(RECIPE, 64).examples]
+    held = [ex.messages[-1]["content"] for ex in heldout_task(source, 64, HELD_OUT_SEED, train_q)[0].examples]
+    assert len(val) == 64 and not set(val) & train_q
+    # the seeds differ; the small problem space lets a few questions coincide, never the whole split
+    assert val != held and len(set(val) & set(held)) < len(val) // 2
+
+
 def _row(method, steps, acc, n=80):
     from l2d.eval.metrics import wilson_interval
 
