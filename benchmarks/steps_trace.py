@@ -57,16 +57,6 @@ def token_field(model, ids: torch.Tensor, mask: torch.Tensor):
                       cond_cache=cond_cache, h_start=h_start), table
 
 
-def left_pad(rows, pad: int):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def trace_batch(model, ids, mask, gold, wrong, steps: int, times, seed: int):
     from l2d.solvers import integrate_fixed
@@ -113,6 +103,7 @@ def main(argv=None) -> int:
 
     from l2d.demo import validation_task
     from l2d.eval.command import load_for_eval
+    from l2d.eval.runner import _left_padded
 
     task = validation_task(args.recipe, args.n)
     model, tok, _ = load_for_eval(args.adapter)
@@ -126,7 +117,7 @@ def main(argv=None) -> int:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for start in range(0, len(rows), args.batch_size):
         chunk = rows[start:start + args.batch_size]
-        ids, mask = left_pad([r for r, _ in chunk], pad)
+        ids, mask = _left_padded([r for r, _ in chunk], pad, "cpu")
         gold = torch.tensor([gt for _, gt in chunk])
         wrong = torch.tensor([vocab[int(torch.randint(len(vocab) - 1, (1,), generator=g))] for _ in chunk])
         wrong = torch.where(wrong == gold, torch.tensor(vocab[-1]), wrong)
