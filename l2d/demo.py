@@ -309,3 +309,7 @@ def evaluate_protocols(model, tok, task, name: str, greedy_steps, paper_steps, *
     if paper_steps:
         rows += evaluate(model, tok, task, paper_steps, method=f"{name} (paper)", protocol="paper", **eval_kw)
     return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

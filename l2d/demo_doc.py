@@ -162,7 +162,3 @@ def write_doc(out: Path, doc: Path, png: Path, load: str | None = None) -> Path:
         "summaries); this page was written from it by `python -m l2d.demo --doc-from runs/demo`.", ""]
     doc.write_text("\n".join(line for line in lines if line is not None))
     return doc
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
