@@ -35,6 +35,7 @@ RECIPE_LP4 = RECIPE + ["train.loraplus_lr_ratio=4"]
 ARITH = ("{name: 'rg:basic_arithmetic', seed: 0, generator_kwargs: {min_terms: 2, max_terms: 2, min_digits: 1, "
          "max_digits: 2, operators: ['+', '-'], allow_negation: false}")
 ONLORA = ["model.name_or_path=runs/demo/lora-merged"]
+HEADS_TRAJ = RECIPE_LP4 + ["train.head_lr_scale=1.0", "l2d.trajectory_training=0.5", "train.encoder_lr_scale=1.0"]
 LORA_QO_MLP = ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"]
 SETTINGS = {
     "paper": [],                                   # the method as in DESIGN.md (and the defaults before)
@@ -119,6 +120,14 @@ SETTINGS = {
                                            "l2d.trajectory_training=0.5"],
     "steps-open-heads-traj-sigma8": RECIPE_LP4 + ["train.head_lr_scale=1.0", "train.encoder_lr_scale=1.0",
                                                   "l2d.trajectory_training=0.5", "l2d.sigma=8.0"],
+    # the levers left on that path (third session): the encoder at 5x (on the probe, the open gate
+    # read its latent only with it), the t-schedule (uniform and logit-normal toward t = 1 at sigma 8,
+    # so that most draws have a legible latent), self-conditioning
+    "steps-open-heads-traj-enc5": HEADS_TRAJ[:-1] + ["train.encoder_lr_scale=5.0"],
+    "steps-open-heads-traj-sigma8-uniform": HEADS_TRAJ + ["l2d.sigma=8.0", "l2d.schedule=uniform"],
+    "steps-open-heads-traj-sigma8-ln1": HEADS_TRAJ + ["l2d.sigma=8.0", "l2d.schedule=logit_normal",
+                                                      "l2d.logit_normal_mean=1.0"],
+    "steps-open-heads-traj-sc": HEADS_TRAJ + ["l2d.self_conditioning=0.5"],
     "steps-open-traj-sc": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.self_conditioning=0.5"],
     "steps-open-traj-uniform": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.schedule=uniform"],
     "lora": ["method=lora"],

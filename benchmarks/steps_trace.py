@@ -18,6 +18,9 @@ JSON with ``--json``):
    latent's token (it copies) or the gold one (it corrects). A path that copies a wrong latent at
    high ``t`` cannot repair an early mistake in later steps: whatever the first evaluations commit
    to, the read-out repeats.
+3. **Encoder share.** In the same evaluations, the rms of what the encoder writes into the stream
+   (the latent's only way in) over the rms of the base's own residual stream where the diffusion
+   stream starts (``stream_init="main"``): a share near zero means the latent has no channel.
 """
 from __future__ import annotations
 
@@ -77,15 +80,25 @@ def trace_batch(model, ids, mask, gold, wrong, steps: int, times, seed: int):
     fld.evaluate(1.0, x1, need_z_hat=False)
     trajectory = torch.stack(argmaxes, 1)  # [B, steps + 1]
 
-    reading = {}
-    for t in times:
-        eps = torch.randn(ids.shape[0], 1, Z.shape[-1], generator=g)
-        for name, tokens in (("gold", gold), ("wrong", wrong)):
-            fld.z_hat = None
-            x = t * Z[tokens][:, None] + (1 - t) * model.config.sigma * eps
-            pred = evaluate(t, x.double(), False)[:, 0].argmax(-1)
-            reading[(t, name)] = pred
-    return trajectory, reading
+    reading, share = {}, {}
+    written = []
+    hook = model.path.encoder.register_forward_hook(lambda mod, inp, out: written.append(out.detach().float()))
+    h_start = fld._h_start
+    try:
+        for t in times:
+            written.clear()
+            eps = torch.randn(ids.shape[0], 1, Z.shape[-1], generator=g)
+            for name, tokens in (("gold", gold), ("wrong", wrong)):
+                fld.z_hat = None
+                x = t * Z[tokens][:, None] + (1 - t) * model.config.sigma * eps
+                pred = evaluate(t, x.double(), False)[:, 0].argmax(-1)
+                reading[(t, name)] = pred
+            if h_start is not None and written:
+                enc_rms = torch.stack([w.pow(2).mean() for w in written]).mean().sqrt()
+                share[t] = (enc_rms / h_start.float().pow(2).mean().sqrt()).item()
+    finally:
+        hook.remove()
+    return trajectory, reading, share
 
 
 def main(argv=None) -> int:
@@ -113,7 +126,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed + 1)
     times = [float(t) for t in args.times.split(",")]
 
-    golds, trajs, readings = [], [], {}
+    golds, trajs, readings, shares = [], [], {}, {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for start in range(0, len(rows), args.batch_size):
         chunk = rows[start:start + args.batch_size]
@@ -123,8 +136,10 @@ def main(argv=None) -> int:
         wrong = torch.where(wrong == gold, torch.tensor(vocab[-1]), wrong)
         if len(vocab) > 1:
             assert bool((wrong != gold).all())
-        traj, reading = trace_batch(model, ids, mask, gold, wrong, args.steps, times, args.seed + start)
+        traj, reading, share = trace_batch(model, ids, mask, gold, wrong, args.steps, times, args.seed + start)
         golds.append(gold), trajs.append(traj)
+        for t, r in share.items():
+            shares.setdefault(t, []).append(r)
         for key, pred in reading.items():
             readings.setdefault(key, []).append((pred, gold, wrong))
     gold, traj = torch.cat(golds), torch.cat(trajs)
@@ -145,7 +160,8 @@ def main(argv=None) -> int:
     print(f"\nread-out token differs from the first evaluation's in {int(changed.sum())} of {n_rows} rows "
           f"({fixed} fixed, {broke} broken, {int(changed.sum()) - fixed - broke} wrong either way)\n")
     print("## Latent reading: one evaluation on x_t = t z_a + (1 - t) sigma eps\n")
-    print("| t | z_a gold: accuracy % | z_a wrong: copies % | z_a wrong: gold % |\n|---|---|---|---|")
+    print("| t | z_a gold: accuracy % | z_a wrong: copies % | z_a wrong: gold % | encoder share |\n"
+          "|---|---|---|---|---|")
     table = {}
     for t in times:
         pred_g = torch.cat([p for p, _, _ in readings[(t, "gold")]])
@@ -153,10 +169,12 @@ def main(argv=None) -> int:
         wrong = torch.cat([w for _, _, w in readings[(t, "wrong")]])
         row = {"gold_accuracy": (pred_g == gold).float().mean().item(),
                "wrong_copied": (pred_w == wrong).float().mean().item(),
-               "wrong_corrected": (pred_w == gold).float().mean().item()}
+               "wrong_corrected": (pred_w == gold).float().mean().item(),
+               "encoder_share": sum(shares[t]) / len(shares[t]) if shares.get(t) else None}
         table[t] = row
+        enc = "" if row["encoder_share"] is None else f"{row['encoder_share']:.3g}"
         print(f"| {t:g} | {100 * row['gold_accuracy']:.1f} | {100 * row['wrong_copied']:.1f} | "
-              f"{100 * row['wrong_corrected']:.1f} |")
+              f"{100 * row['wrong_corrected']:.1f} | {enc} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"adapter": args.adapter, "n": args.n, "rows": n_rows, "steps": args.steps,

