@@ -45,19 +45,15 @@ def answer_rows(tok, task, n: int):
 
 
 def token_field(model, ids: torch.Tensor, mask: torch.Tensor):
-    """The greedy protocol's field for the next token of each row (what ``generate`` builds)."""
-    from l2d.generation import TokenField, _context_step, _per_call_parts
+    """The greedy protocol's field for the next token of each row (what ``generate`` builds), and
+    the latent table."""
+    from l2d.generation import SolverSettings, _context_step, _per_call_parts, token_field
 
     cls = model.class_tensor(None, ids.shape[0])
     table, cond_cache = _per_call_parts(model, cls, None)
     main = model.run_main_path(ids, mask)
     context = _context_step(model, main, ids, mask, main.position_ids) if model.config.context == "adapted" else None
-    T = mask.shape[1]
-    query_index = torch.full((ids.shape[0], 1), T - 1, dtype=torch.long)
-    ctx = model.stream_context(main, query_index, context)
-    h_start = None if main.stream_input is None else main.stream_input[:, -1:]
-    return TokenField(model, ctx, main.hidden[:, -1:], cls, table, "expected", None, 1.0, None, None, None,
-                      cond_cache=cond_cache, h_start=h_start), table
+    return token_field(model, main, main.hidden[:, -1:], cls, table, SolverSettings(), None, cond_cache, context), table
 
 
 @torch.no_grad()

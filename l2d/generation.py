@@ -53,10 +53,13 @@ def decoding_protocol(name: str) -> dict:
 
 @dataclass
 class L2DGenerateOutput:
-    """``sequences``: [B, prompt + new]; ``nfe``: evaluations spent on each generated token."""
+    """``sequences``: [B, prompt + new]; ``nfe``: the path evaluations run for each generated token
+    (batched calls); ``row_nfe``: [B, new] those each row took part in. They differ only under
+    :class:`EarlyStop`, which drops each row from its token's solve once that row has settled."""
 
     sequences: torch.Tensor
     nfe: list[int] = field(default_factory=list)
+    row_nfe: torch.Tensor | None = None
 
     @property
     def mean_nfe(self) -> float:
@@ -66,7 +69,11 @@ class L2DGenerateOutput:
 @dataclass
 class EarlyStop:
     """Stop integrating a token once its prediction has settled: the argmax unchanged over
-    ``patience`` consecutive evaluations with probability at least ``threshold`` (every row)."""
+    ``patience`` consecutive evaluations with probability at least ``threshold``.
+
+    Row by row: a settled row leaves the batch (its latent frozen, its token read from the
+    evaluation where it settled) and the solve goes on for the others, so a row's result and its
+    evaluations do not depend on what it is batched with."""
 
     threshold: float = 0.9
     patience: int = 2
@@ -121,11 +128,16 @@ class TokenField:
         self.temperature, self.generator = temperature, generator
         self.max_nfe, self.early_stop, self.min_gap = max_nfe, early_stop, min_gap
         self.t_floor = OPEN_GATE_T0 if model.config.merge_init == "open" else 0.0
-        self.nfe = 0
-        self.logits = None      # conditional logits of the last evaluation [B, 1, V]
+        B = h_main.shape[0]
+        self.nfe = 0            # evaluations run (batched)
+        self.row_nfe = torch.zeros(B, dtype=torch.long)  # evaluations each row took part in
+        self.logits = None      # conditional logits of each row's last evaluation [B, 1, V]
         self._all_logits = None  # with guidance: conditional and unconditional halves [2B, 1, V]
         self.z_hat = None
-        self._streak, self._last_argmax = 0, None
+        # EarlyStop: the rows still being solved (None: all) and each row's run of settled evaluations
+        self.active = None
+        self._streak, self._last_argmax = torch.zeros(B, dtype=torch.long), None
+        self._subset = None     # (active rows, their ctx, h_main, h_start): rebuilt when rows settle
         self._h_start = h_start
         if guidance_scale is None:
             self.ctx, self._h_main, self._cls = ctx, h_main, class_labels
@@ -137,38 +149,75 @@ class TokenField:
         # With the expected latent at temperature 1, x1_hat is the self-conditioning estimate itself.
         self._x1_is_z_hat = estimate == "expected" and temperature == 1.0 and guidance_scale is None
 
+    def _halves(self, rows: torch.Tensor) -> torch.Tensor:
+        """Indices of ``rows`` in the evaluated batch: the rows, then (guidance) their unconditional twins."""
+        return rows if self.w is None else torch.cat([rows, rows + self.row_nfe.shape[0]])
+
+    def _parts(self):
+        """(ctx, h_main, h_start) of the rows still being solved."""
+        if self.active is None:
+            return self.ctx, self._h_main, self._h_start
+        if self._subset is None or self._subset[0] is not self.active:
+            idx = self._halves(self.active).to(self._h_main.device)
+            self._subset = (self.active, self.ctx.batch_rows(idx), self._h_main.index_select(0, idx),
+                            None if self._h_start is None else self._h_start.index_select(0, idx))
+        return self._subset[1:]
+
     def _hidden(self, t: float, x: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
-        """The path's merged hidden state at ``(t, x)``, with the ``t``-only parts from the cache."""
-        cond = self.cond.get(t, x.shape[0] * (1 if self.w is None else 2), x.device)
+        """The path's merged hidden state at ``(t, x)`` for the rows still being solved, with the
+        ``t``-only parts from the cache."""
+        cond = self.cond.get(t, self.row_nfe.shape[0] * (1 if self.w is None else 2), x.device)
+        if self.active is not None:
+            cond = cond.batch_rows(self._halves(self.active).to(x.device))
         if self.w is not None:
             x = x.repeat(2, 1, 1)
             z_hat = z_hat if z_hat.shape[0] == x.shape[0] else z_hat.repeat(2, 1, 1)
-        return self.model.path(self.model.arch, self.ctx, self._h_main, x, None, z_hat, None,
-                               h_start=self._h_start, cond=cond)
+        ctx, h_main, h_start = self._parts()
+        return self.model.path(self.model.arch, ctx, h_main, x, None, z_hat, None, h_start=h_start, cond=cond)
+
+    def _update(self, full: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+        """``full`` with the rows being solved replaced by ``part`` (settled rows keep theirs)."""
+        if self.active is None or full is None:
+            return part
+        return full.index_copy(0, self._halves(self.active).to(part.device), part)
 
     def evaluate(self, t: float, x: torch.Tensor, need_z_hat: bool = True) -> torch.Tensor:
         """Logits [B, 1, V] of the path at ``(t, x)`` (guidance applied); updates ``z_hat``
-        (skipped with ``need_z_hat=False``, for the read-out that no evaluation follows)."""
+        (skipped with ``need_z_hat=False``, for the read-out that no evaluation follows). Only the
+        rows still being solved are evaluated; settled rows keep their last logits."""
+        rows = self.active
+        xa = x if rows is None else x.index_select(0, rows.to(x.device))
         # An adapter trained without the self-conditioning pass never saw a non-zero z_hat: it gets
         # zeros, as in training (self.z_hat still serves as the expected-latent estimate of x1).
         fed = self.z_hat is not None and self.model.config.self_conditioning > 0
-        z_hat = self.z_hat if fed else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        logits = self.model.head_logits(self._hidden(min(max(t, self.t_floor), 1.0), x.float(), z_hat))
+        if fed:
+            z_hat = self.z_hat if rows is None else self.z_hat.index_select(0, self._halves(rows).to(x.device))
+        else:
+            z_hat = torch.zeros(xa.shape, dtype=torch.float32, device=x.device)
+        logits = self.model.head_logits(self._hidden(min(max(t, self.t_floor), 1.0), xa.float(), z_hat))
         self.nfe += 1
-        self._all_logits = logits
-        self.logits = logits if self.w is None else logits[: logits.shape[0] // 2]
+        if rows is None:
+            self.row_nfe += 1
+        else:
+            self.row_nfe[rows] += 1
+        self._all_logits = self._update(self._all_logits, logits)
+        full = self._all_logits
+        self.logits = full if self.w is None else full[: full.shape[0] // 2]
         if need_z_hat:  # each half (cond, uncond) feeds its own previous estimate
-            self.z_hat = torch.softmax(logits, -1) @ self.Z
+            self.z_hat = self._update(self.z_hat, torch.softmax(logits, -1) @ self.Z)
         return self.logits
 
-    def x1_hat(self, logits: torch.Tensor, t: float) -> torch.Tensor:
-        """The clean-latent estimate from logits [R, 1, V] at time ``t``."""
+    def x1_hat(self, logits: torch.Tensor, t: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The clean-latent estimate from logits [R, 1, V] at time ``t`` (``rows``: the batch rows
+        they belong to, whose random streams a sampled estimate draws from; None: all)."""
         if self.estimate == "argmax":
             return self.Z[logits.argmax(-1)]
         tau = self.temperature if self.temperature != "1-t" else max(1.0 - t, 1e-3)
         if self.estimate == "expected":
             return torch.softmax(logits / tau, -1) @ self.Z
         rngs = self.generator
+        if isinstance(rngs, list) and rows is not None:
+            rngs = [rngs[i] for i in rows.tolist()]
         if isinstance(rngs, list) and logits.shape[0] != len(rngs):  # guidance: both halves, same streams
             rngs = rngs * (logits.shape[0] // len(rngs))
         return self.Z[multinomial(torch.softmax(logits[:, 0] / tau, -1), rngs)]
@@ -177,24 +226,47 @@ class TokenField:
         if self.max_nfe is not None and self.nfe >= self.max_nfe:
             raise StopIntegration("max_nfe")
         logits = self.evaluate(t, x)
-        if self.early_stop is not None and self._settled(logits):
+        if self.early_stop is not None and self._settle(logits):
             raise StopIntegration("settled")
         gap = max(1.0 - t, self.min_gap)
+        if self.active is None:
+            return self._velocity(t, x, gap, None)
+        rows = self.active.to(x.device)  # settled rows stay where they are: zero velocity
+        v_rows = self._velocity(t, x.index_select(0, rows), gap, self.active)
+        return torch.zeros_like(x).index_copy(0, rows, v_rows.to(x.dtype))
+
+    def _velocity(self, t: float, x: torch.Tensor, gap: float, rows: torch.Tensor | None) -> torch.Tensor:
+        """``(x1_hat - x) / (1 - t)`` for ``rows`` (None: all) at their states ``x``, from the last
+        evaluation (guidance: ``w v_cond + (1 - w) v_uncond``)."""
         if self.w is None:
-            x1 = self.z_hat if self._x1_is_z_hat else self.x1_hat(logits, t)
+            logits = self.logits if rows is None else self.logits.index_select(0, rows.to(x.device))
+            if self._x1_is_z_hat:
+                x1 = self.z_hat if rows is None else self.z_hat.index_select(0, rows.to(x.device))
+            else:
+                x1 = self.x1_hat(logits, t, rows)
             return (x1.to(x.dtype) - x) / gap
-        v = (self.x1_hat(self._all_logits, t).to(x.dtype) - x.repeat(2, 1, 1)) / gap
+        logits = self._all_logits if rows is None else self._all_logits.index_select(0, self._halves(rows).to(x.device))
+        v = (self.x1_hat(logits, t, rows).to(x.dtype) - x.repeat(2, 1, 1)) / gap
         v_cond, v_uncond = v.chunk(2)
         return self.w * v_cond + (1 - self.w) * v_uncond
 
-    def _settled(self, logits) -> bool:
-        probs = torch.softmax(logits.float(), -1)
-        top_p, top = probs.max(-1)
-        same = self._last_argmax is not None and bool((top == self._last_argmax).all())
-        confident = bool((top_p >= self.early_stop.threshold).all())
-        self._streak = self._streak + 1 if (same and confident) else (1 if confident else 0)
-        self._last_argmax = top
-        return self._streak >= self.early_stop.patience
+    def _settle(self, logits) -> bool:
+        """Count each solved row's settled evaluations; rows at ``patience`` leave the solve.
+        True once every row has."""
+        rows = self.active if self.active is not None else torch.arange(logits.shape[0])
+        top_p, top = torch.softmax(logits[:, 0].float(), -1).max(-1)
+        top_p, top = top_p.cpu()[rows], top.cpu()[rows]
+        confident = top_p >= self.early_stop.threshold
+        same = torch.zeros_like(confident) if self._last_argmax is None else top == self._last_argmax[rows]
+        self._streak[rows] = torch.where(same & confident, self._streak[rows] + 1, confident.long())
+        if self._last_argmax is None:
+            self._last_argmax = torch.zeros(logits.shape[0], dtype=torch.long)
+        self._last_argmax[rows] = top
+        still = rows[self._streak[rows] < self.early_stop.patience]
+        if len(still) == len(rows):
+            return False
+        self.active = still
+        return len(still) == 0
 
 
 def with_null_class(class_labels: torch.Tensor, null: int) -> torch.Tensor:
@@ -334,16 +406,18 @@ def generate(model: "L2DModel", input_ids: torch.Tensor, attention_mask: torch.T
     adapted = use_path and model.config.context == "adapted"  # a second cache: the context pass's K/V
     context = _context_step(model, main, input_ids, mask, main.position_ids) if adapted else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    nfe_log = []
+    nfe_log, row_nfe_log = [], []
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
         h_last = main.hidden[:, -1:]
         if use_path:
-            logits, nfe = _solve_token(model, main, h_last, cls, latent_table, settings, rngs, cond_cache, context)
+            logits, nfe, row_nfe = _solve_token(model, main, h_last, cls, latent_table, settings, rngs, cond_cache,
+                                                context)
         else:
-            logits, nfe = model.head_logits(h_last), 0
+            logits, nfe, row_nfe = model.head_logits(h_last), 0, torch.zeros(B, dtype=torch.long)
         nfe_log.append(nfe)
+        row_nfe_log.append(row_nfe)
         nxt = pick_token(logits[:, -1].float(), do_sample, temperature, top_k, top_p, rngs)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         sequences = torch.cat([sequences, nxt[:, None]], 1)
@@ -360,7 +434,7 @@ def generate(model: "L2DModel", input_ids: torch.Tensor, attention_mask: torch.T
     if streamer is not None:
         streamer.end()
     if return_dict_in_generate:
-        return L2DGenerateOutput(sequences=sequences, nfe=nfe_log)
+        return L2DGenerateOutput(sequences=sequences, nfe=nfe_log, row_nfe=torch.stack(row_nfe_log, 1))
     return sequences
 
 
@@ -390,17 +464,26 @@ def _context_step(model, main, ids, mask, position_ids, cache=None):
     return cache
 
 
-def _solve_token(model, main, h_last, cls, latent_table, settings: SolverSettings, rngs, cond_cache=None,
-                 context=None):
-    """Integrate one token's latent from noise to t=1; returns (logits [B, 1, V], NFE)."""
-    B = h_last.shape[0]
-    T = main.attention_mask.shape[1]
+def token_field(model, main, h_last, cls, latent_table, settings: SolverSettings, rngs=None, cond_cache=None,
+                context=None) -> TokenField:
+    """The velocity field of the next token's latent, for every row of ``main`` (the main path's
+    state after the last token; ``context``: the adapted context pass's cache, if any)."""
+    B, T = h_last.shape[0], main.attention_mask.shape[1]
     query_index = torch.full((B, 1), T - 1, dtype=torch.long, device=h_last.device)
     ctx = model.stream_context(main, query_index, context)
     h_start = None if main.stream_input is None else main.stream_input[:, -1:]
     s = settings
-    fld = TokenField(model, ctx, h_last, cls, latent_table, s.estimate, s.guidance_scale, s.estimate_temperature,
-                     rngs, s.max_nfe, s.early_stop, cond_cache=cond_cache, h_start=h_start)
+    return TokenField(model, ctx, h_last, cls, latent_table, s.estimate, s.guidance_scale, s.estimate_temperature,
+                      rngs, s.max_nfe, s.early_stop, cond_cache=cond_cache, h_start=h_start)
+
+
+def _solve_token(model, main, h_last, cls, latent_table, settings: SolverSettings, rngs, cond_cache=None,
+                 context=None):
+    """Integrate one token's latent from noise to t=1; returns (logits [B, 1, V], the evaluations run,
+    those each row took part in [B])."""
+    B = h_last.shape[0]
+    s = settings
+    fld = token_field(model, main, h_last, cls, latent_table, s, rngs, cond_cache, context)
     x0 = model.config.sigma * randn(rngs, (B, 1, latent_table.shape[-1]), h_last.device).double()
     stopped = None
     try:
@@ -415,7 +498,7 @@ def _solve_token(model, main, h_last, cls, latent_table, settings: SolverSetting
                           "from its last evaluation.", RuntimeWarning, stacklevel=3)
     if stopped is None and (s.readout == "final" or fld.logits is None):
         fld.evaluate(1.0, x1, need_z_hat=False)
-    return fld.logits, fld.nfe
+    return fld.logits, fld.nfe, fld.row_nfe
 
 
 __all__ = ["generate", "L2DGenerateOutput", "EarlyStop", "SolverSettings", "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "ESTIMATES",

@@ -348,3 +348,10 @@ class TimeConditioning:
     x_scale: torch.Tensor            # [B, Tq, 1] what x_t is multiplied by for the encoder
     modulations: list | None         # per block (dw1, shift1, gate1, dw2, shift2, gate2), or None
     zero: bool                       # t == 0 everywhere
+
+    def batch_rows(self, index: torch.Tensor) -> "TimeConditioning":
+        """The same parts for the batch rows in ``index`` [n] alone."""
+        mods = None if self.modulations is None else [
+            tuple(m.index_select(0, index) for m in block) for block in self.modulations]
+        return TimeConditioning(self.c.index_select(0, index), self.gate.index_select(0, index),
+                                self.x_scale.index_select(0, index), mods, self.zero)

@@ -72,6 +72,18 @@ class StreamContext:
                              self.query_index.repeat(2, 1), self.query_position.repeat(2, 1),
                              self.key_mask.repeat(2, 1), self.dtype)
 
+    def batch_rows(self, index: torch.Tensor) -> "StreamContext":
+        """The context of the batch rows in ``index`` [n] alone (EarlyStop drops the rows whose
+        token has settled from the rest of the solve)."""
+        if self.rows is not None:
+            raise ValueError("batch_rows() takes a context without packed rows.")
+
+        def pick(t):
+            return None if t is None else t.index_select(0, index)
+
+        return StreamContext([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.query_index),
+                             pick(self.query_position), pick(self.key_mask), self.dtype)
+
     def select_rows(self, x: torch.Tensor) -> torch.Tensor:
         """[B, Tq, ...] -> [1, N, ...]: the query slots in ``rows`` (unchanged without rows)."""
         if self.rows is None:

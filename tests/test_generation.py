@@ -140,6 +140,42 @@ def test_early_stop_never_spends_more_than_the_fixed_budget():
     assert all(2 <= n <= budget for n in out.nfe) and min(out.nfe) < budget - 2
 
 
+@pytest.mark.parametrize("decoding", [
+    dict(),                                                                  # greedy: expected latent
+    dict(estimate="sample", do_sample=True, temperature=1.3),                # draws from each row's stream
+    dict(estimate="argmax", solver="midpoint", class_label="math", guidance_scale=2.0),  # both halves
+    dict(context="adapted", self_conditioning=0.5),                          # adapted K/V, z_hat fed
+])
+def test_early_stop_settles_each_row_as_if_it_were_alone(decoding):
+    """A settled row leaves the solve: batched, every row gets the tokens and spends the
+    evaluations it would alone, and the batch runs only as many evaluations as its slowest row."""
+    cfg = {k: decoding.pop(k) for k in ("context", "self_conditioning") if k in decoding}
+    model = _model(**cfg)
+    ids, mask = _left_padded()
+    kw = dict(max_new_tokens=5, steps=12, eos_token_id=[], early_stop=EarlyStop(threshold=0.0, patience=2),
+              return_dict_in_generate=True, **decoding)
+    together = model.generate(ids, mask, seed=[10, 11, 12], **kw)
+    T = ids.shape[1]
+    for row in range(3):
+        keep = mask[row].bool()
+        alone = model.generate(ids[row:row + 1, keep], seed=[10 + row], **kw)
+        assert torch.equal(together.sequences[row, T:], alone.sequences[0, int(keep.sum()):])
+        assert torch.equal(together.row_nfe[row], alone.row_nfe[0])
+    assert together.nfe == together.row_nfe.max(0).values.tolist()
+    # the rows do settle at different evaluations, and every one before the fixed budget somewhere
+    assert (together.row_nfe.min(0).values < together.row_nfe.max(0).values).any()
+    assert int(together.row_nfe.sum()) < 3 * 5 * nfe_per_token(kw.get("solver", "euler"), 12)
+
+
+def test_without_early_stop_every_row_spends_the_batch_evaluations():
+    model = _model()
+    ids, mask = _left_padded()
+    out = model.generate(ids, mask, max_new_tokens=3, steps=4, seed=0, eos_token_id=[], return_dict_in_generate=True)
+    assert out.row_nfe.tolist() == [[5, 5, 5]] * 3 and out.nfe == [5] * 3
+    base = model.generate(ids, mask, max_new_tokens=3, steps=0, eos_token_id=[], return_dict_in_generate=True)
+    assert base.row_nfe.tolist() == [[0, 0, 0]] * 3
+
+
 def test_max_nfe_ends_an_adaptive_solve_with_a_warning():
     model = _model()
     ids, mask = _left_padded()

@@ -102,8 +102,8 @@ def test_token_solve_matches_the_reference(reference, monkeypatch):
     solve, integrate = generation._solve_token, generation.integrate_fixed
 
     def keep_logits(*args, **kwargs):
-        seen["logits"], nfe = solve(*args, **kwargs)
-        return seen["logits"], nfe
+        seen["logits"], nfe, row_nfe = solve(*args, **kwargs)
+        return seen["logits"], nfe, row_nfe
 
     def keep_x1(*args, **kwargs):
         seen["x1"] = integrate(*args, **kwargs)

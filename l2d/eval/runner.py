@@ -130,7 +130,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
                                  eos_token_id=eos or None, pad_token_id=pad, stop_strings=stop_strings or None,
                                  tokenizer=tokenizer if stop_strings else None, return_dict_in_generate=True,
                                  **generate_kwargs)
-            sequences, nfe_per_step = out.sequences, out.nfe
+            sequences, nfe_per_step = out.sequences, out.row_nfe  # [B, new]: each row's own (EarlyStop)
         else:
             if do_sample:
                 torch.manual_seed(int(seeds[idx[0]]))
@@ -157,7 +157,10 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
             # A row that stopped early spent no evaluations after its end, but the batch loop
             # kept going for the others: count each row's own tokens only.
             # (masked diffusion: the row's forward passes, whatever its length)
-            total_nfe += steps if mdm else sum(nfe_per_step[:n])
+            if mdm:
+                total_nfe += steps
+            elif l2d:
+                total_nfe += int(nfe_per_step[r, :n].sum())
             text = tokenizer.decode(row[:n], skip_special_tokens=True)
             completions[i] = truncate_at_stop(text, stop_strings or ())
     return {"completions": completions, "generated_tokens": n_generated, "nfe": total_nfe, "seconds": seconds}
