@@ -128,6 +128,14 @@ SETTINGS = {
     "steps-open-heads-traj-sigma8-ln1": HEADS_TRAJ + ["l2d.sigma=8.0", "l2d.schedule=logit_normal",
                                                       "l2d.logit_normal_mean=1.0"],
     "steps-open-heads-traj-sc": HEADS_TRAJ + ["l2d.self_conditioning=0.5"],
+    # both levers that raised the latent's share of the stream at once, without trajectory training
+    # (which trains the path to override its own wrong estimates, i.e. to ignore them)
+    "steps-open-heads-enc20-sigma8-uniform": RECIPE_LP4 + ["train.head_lr_scale=1.0", "train.encoder_lr_scale=20.0",
+                                                           "l2d.sigma=8.0", "l2d.schedule=uniform"],
+    # the path that reads its latent, trained on its own trajectories as well (so that later steps
+    # learn to repair what the earlier ones fed it)
+    "steps-open-heads-traj-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ["train.encoder_lr_scale=20.0", "l2d.sigma=8.0",
+                                                                     "l2d.schedule=uniform"],
     "steps-open-traj-sc": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.self_conditioning=0.5"],
     "steps-open-traj-uniform": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.schedule=uniform"],
     "lora": ["method=lora"],
