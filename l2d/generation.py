@@ -159,7 +159,8 @@ class TokenField:
             return self.ctx, self._h_main, self._h_start
         if self._subset is None or self._subset[0] is not self.active:
             idx = self._halves(self.active).to(self._h_main.device)
-            self._subset = (self.active, self.ctx.batch_rows(idx), self._h_main.index_select(0, idx),
+            ctx = self.ctx.batch_rows(idx, first_layer=self.model.path.stream_start)
+            self._subset = (self.active, ctx, self._h_main.index_select(0, idx),
                             None if self._h_start is None else self._h_start.index_select(0, idx))
         return self._subset[1:]
 

@@ -72,17 +72,20 @@ class StreamContext:
                              self.query_index.repeat(2, 1), self.query_position.repeat(2, 1),
                              self.key_mask.repeat(2, 1), self.dtype)
 
-    def batch_rows(self, index: torch.Tensor) -> "StreamContext":
+    def batch_rows(self, index: torch.Tensor, first_layer: int = 0) -> "StreamContext":
         """The context of the batch rows in ``index`` [n] alone (EarlyStop drops the rows whose
-        token has settled from the rest of the solve)."""
+        token has settled from the rest of the solve). Only the keys/values of layers
+        ``first_layer`` and up are copied (the stream reads no others); the rest are None."""
         if self.rows is not None:
             raise ValueError("batch_rows() takes a context without packed rows.")
 
         def pick(t):
             return None if t is None else t.index_select(0, index)
 
-        return StreamContext([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.query_index),
-                             pick(self.query_position), pick(self.key_mask), self.dtype)
+        keys = [pick(k) if i >= first_layer else None for i, k in enumerate(self.keys)]
+        values = [pick(v) if i >= first_layer else None for i, v in enumerate(self.values)]
+        return StreamContext(keys, values, pick(self.query_index), pick(self.query_position), pick(self.key_mask),
+                             self.dtype)
 
     def select_rows(self, x: torch.Tensor) -> torch.Tensor:
         """[B, Tq, ...] -> [1, N, ...]: the query slots in ``rows`` (unchanged without rows)."""

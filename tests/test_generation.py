@@ -145,11 +145,13 @@ def test_early_stop_never_spends_more_than_the_fixed_budget():
     dict(estimate="sample", do_sample=True, temperature=1.3),                # draws from each row's stream
     dict(estimate="argmax", solver="midpoint", class_label="math", guidance_scale=2.0),  # both halves
     dict(context="adapted", self_conditioning=0.5),                          # adapted K/V, z_hat fed
+    dict(context="adapted", stream_layers=1, stream_init="main"),            # the stream in the top layer only
 ])
 def test_early_stop_settles_each_row_as_if_it_were_alone(decoding):
     """A settled row leaves the solve: batched, every row gets the tokens and spends the
     evaluations it would alone, and the batch runs only as many evaluations as its slowest row."""
-    cfg = {k: decoding.pop(k) for k in ("context", "self_conditioning") if k in decoding}
+    cfg = {k: decoding.pop(k) for k in ("context", "self_conditioning", "stream_layers", "stream_init")
+           if k in decoding}
     model = _model(**cfg)
     ids, mask = _left_padded()
     kw = dict(max_new_tokens=5, steps=12, eos_token_id=[], early_stop=EarlyStop(threshold=0.0, patience=2),
