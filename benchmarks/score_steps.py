@@ -4,7 +4,9 @@
 
 The validation problems are the demo's (seed ``l2d.demo.VALIDATION_SEED``, any question that occurs
 in the recipe's training data removed, prompted as in training); the held-out ones are never used.
-Prints one JSON line per step count (correct of n, accuracy %, NFE per token, seconds).
+Prints one JSON line per step count (correct of n, accuracy %, NFE per token, seconds). With
+``--early-stop off,0.5 --repeats 2`` the settings alternate in one process, so that their seconds
+compare side by side.
 """
 from __future__ import annotations
 
@@ -27,10 +29,15 @@ def main(argv=None) -> int:
                    help="greedy only: the solver grid's spacing (cosmap puts more steps near t = 1)")
     p.add_argument("--estimate", default="expected", choices=("expected", "argmax", "sample"),
                    help="greedy only: the velocity's clean-latent estimate")
-    p.add_argument("--early-stop", type=float, metavar="P",
+    p.add_argument("--early-stop", default="off", metavar="P[,P...]",
                    help="greedy only: end a token's solve once its argmax holds with probability >= P "
-                        "(l2d.generation.EarlyStop, patience 2)")
+                        "(l2d.generation.EarlyStop, patience 2); comma-separated, 'off' for none")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over every setting (for timings)")
     args = p.parse_args(argv)
+    try:
+        stops = [None if x.strip() == "off" else float(x) for x in args.early_stop.split(",")]
+    except ValueError:
+        p.error(f"--early-stop takes probabilities or 'off', comma-separated, got {args.early_stop!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from l2d.demo import validation_task
@@ -40,11 +47,13 @@ def main(argv=None) -> int:
 
     val_task = validation_task(args.recipe, args.n)
     model, tok, _ = load_for_eval(args.adapter)
-    for steps in (int(s) for s in args.steps.split(",")):
+    settings = [(steps, stop) for _ in range(args.repeats) for steps in (int(s) for s in args.steps.split(","))
+                for stop in stops]
+    for steps, stop in settings:
         t0 = time.perf_counter()
         greedy = {"grid": args.grid, "estimate": args.estimate} if args.protocol == "greedy" else {}
-        if greedy and args.early_stop is not None:
-            greedy["early_stop"] = EarlyStop(args.early_stop, 2)
+        if greedy and stop is not None:
+            greedy["early_stop"] = EarlyStop(stop, 2)
         r = evaluate(model, tok, val_task, [steps], method=args.adapter, protocol=args.protocol, **greedy,
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0,
                      prompt_format="chat", progress=False)[0]
