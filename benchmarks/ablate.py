@@ -136,6 +136,11 @@ SETTINGS = {
     # learn to repair what the earlier ones fed it)
     "steps-open-heads-traj-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ["train.encoder_lr_scale=20.0", "l2d.sigma=8.0",
                                                                      "l2d.schedule=uniform"],
+    # trajectory training on the 16-step grid only (fourth session; TRAJECTORY_GRID below): every
+    # evaluation of a 16-step solve, its read-out included, trained on equally often
+    "steps-open-heads-traj16": HEADS_TRAJ,
+    "steps-open-heads-traj16-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ["train.encoder_lr_scale=20.0", "l2d.sigma=8.0",
+                                                                       "l2d.schedule=uniform"],
     "steps-open-traj-sc": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.self_conditioning=0.5"],
     "steps-open-traj-uniform": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.schedule=uniform"],
     "lora": ["method=lora"],
@@ -153,6 +158,33 @@ SETTINGS = {name: ["train.loraplus_lr_ratio=1"] + (overrides if name.startswith(
 
 
 LOSS_TIMES = (0.0, 0.5, 0.9, 0.98, 1.0)
+# settings whose trajectory training always draws the grid N given here (see trajectory_grid)
+TRAJECTORY_GRID = {"steps-open-heads-traj16": 16, "steps-open-heads-traj16-enc20-sigma8-uniform": 16}
+
+
+@contextlib.contextmanager
+def trajectory_grid(steps: int):
+    """Patch trajectory training to draw ``N = steps`` always and the stop ``k`` uniform in ``1..N``.
+
+    l2d's own draw (``l2d/trajectory.py``) takes ``N`` uniformly among the powers of two up to
+    ``trajectory_steps``, so the one-step read-out state gets 1/5 of the draws and the 16-step
+    read-out 1/80: training weighs the first step's correction, not the later steps'. Here every
+    evaluation of an ``N``-step solve is trained on equally often (an experiment, kept out of the
+    library until it pays)."""
+    import torch
+
+    import l2d.model as model_mod
+
+    original = model_mod.draw_trajectory
+
+    def draw(max_steps, generator=None):
+        return steps, 1 + int(torch.randint(steps, (), generator=generator))
+
+    model_mod.draw_trajectory = draw
+    try:
+        yield
+    finally:
+        model_mod.draw_trajectory = original
 
 
 def loss_by_t(model, tokenizer, task, times=LOSS_TIMES, batch_size: int = 32) -> dict:
@@ -352,7 +384,8 @@ def main(argv=None) -> int:
         if args.eval_only:
             summary = {"loss": None}
         else:
-            with answer_only_training() if answer_only else contextlib.nullcontext():
+            with (answer_only_training() if answer_only else
+                  trajectory_grid(TRAJECTORY_GRID[name]) if name in TRAJECTORY_GRID else contextlib.nullcontext()):
                 summary = train(load_recipe(args.recipe, overrides), overwrite=True)
         seconds = None if args.eval_only else round(time.perf_counter() - t0)
         model, tok, _ = load_for_eval(str(run_dir))
