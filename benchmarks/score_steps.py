@@ -29,6 +29,9 @@ def main(argv=None) -> int:
                    help="greedy only: the solver grid's spacing (cosmap puts more steps near t = 1)")
     p.add_argument("--estimate", default="expected", choices=("expected", "argmax", "sample"),
                    help="greedy only: the velocity's clean-latent estimate")
+    p.add_argument("--readout", default="final", choices=("final", "last"),
+                   help="greedy only: the token from one more evaluation at t = 1 (final) or from the "
+                        "solve's last evaluation (last)")
     p.add_argument("--early-stop", default="off", metavar="P[,P...]",
                    help="greedy only: end a token's solve once its argmax holds with probability >= P "
                         "(l2d.generation.EarlyStop, patience 2); comma-separated, 'off' for none")
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
                 for stop in stops]
     for steps, stop in settings:
         t0 = time.perf_counter()
-        greedy = {"grid": args.grid, "estimate": args.estimate} if args.protocol == "greedy" else {}
+        greedy = ({"grid": args.grid, "estimate": args.estimate, "readout": args.readout}
+                  if args.protocol == "greedy" else {})
         if greedy and stop is not None:
             greedy["early_stop"] = EarlyStop(stop, 2)
         r = evaluate(model, tok, val_task, [steps], method=args.adapter, protocol=args.protocol, **greedy,
