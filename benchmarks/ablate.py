@@ -176,8 +176,9 @@ def trajectory_grid(steps: int, readout_share: float | None = None):
     l2d's own draw (``l2d/trajectory.py``) takes ``N`` uniformly among the powers of two up to
     ``trajectory_steps``, so the one-step read-out state gets 1/5 of the draws and the 16-step
     read-out 1/80: training weighs the first step's correction, not the later steps'. Here every
-    evaluation of an ``N``-step solve is trained on equally often (an experiment, kept out of the
-    library until it pays)."""
+    evaluation of an ``N``-step solve is trained on equally often. An experiment that did not pay
+    (benchmarks/README.md, "Training on the late steps of the solve"), so it stays out of the
+    library."""
     import torch
 
     import l2d.model as model_mod
