@@ -36,6 +36,8 @@ ARITH = ("{name: 'rg:basic_arithmetic', seed: 0, generator_kwargs: {min_terms: 2
          "max_digits: 2, operators: ['+', '-'], allow_negation: false}")
 ONLORA = ["model.name_or_path=runs/demo/lora-merged"]
 HEADS_TRAJ = RECIPE_LP4 + ["train.head_lr_scale=1.0", "l2d.trajectory_training=0.5", "train.encoder_lr_scale=1.0"]
+# the setting that made the path read its latent: encoder and latent map at 20x, sigma 8, uniform t
+ENC20 = ["train.encoder_lr_scale=20.0", "l2d.sigma=8.0", "l2d.schedule=uniform"]
 LORA_QO_MLP = ["method=lora", "lora.target_modules=[q_proj,o_proj,gate_proj,up_proj,down_proj]"]
 SETTINGS = {
     "paper": [],                                   # the method as in DESIGN.md (and the defaults before)
@@ -130,21 +132,17 @@ SETTINGS = {
     "steps-open-heads-traj-sc": HEADS_TRAJ + ["l2d.self_conditioning=0.5"],
     # both levers that raised the latent's share of the stream at once, without trajectory training
     # (which trains the path to override its own wrong estimates, i.e. to ignore them)
-    "steps-open-heads-enc20-sigma8-uniform": RECIPE_LP4 + ["train.head_lr_scale=1.0", "train.encoder_lr_scale=20.0",
-                                                           "l2d.sigma=8.0", "l2d.schedule=uniform"],
+    "steps-open-heads-enc20-sigma8-uniform": RECIPE_LP4 + ["train.head_lr_scale=1.0"] + ENC20,
     # the path that reads its latent, trained on its own trajectories as well (so that later steps
     # learn to repair what the earlier ones fed it)
-    "steps-open-heads-traj-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ["train.encoder_lr_scale=20.0", "l2d.sigma=8.0",
-                                                                     "l2d.schedule=uniform"],
+    "steps-open-heads-traj-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ENC20,
     # trajectory training on the 16-step grid only (fourth session; TRAJECTORY_GRID below): every
     # evaluation of a 16-step solve, its read-out included, trained on equally often
     "steps-open-heads-traj16": HEADS_TRAJ,
-    "steps-open-heads-traj16-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ["train.encoder_lr_scale=20.0", "l2d.sigma=8.0",
-                                                                       "l2d.schedule=uniform"],
+    "steps-open-heads-traj16-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ENC20,
     # the same with half the draws at the read-out state (k = N): the 16-grid's evaluations improved
     # along the solve (59 -> 67% of answer tokens) and its read-out, trained on 1/16 of the draws, fell back
-    "steps-open-heads-traj16r-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ["train.encoder_lr_scale=20.0",
-                                                                        "l2d.sigma=8.0", "l2d.schedule=uniform"],
+    "steps-open-heads-traj16r-enc20-sigma8-uniform": HEADS_TRAJ[:-1] + ENC20,
     "steps-open-traj-sc": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.self_conditioning=0.5"],
     "steps-open-traj-uniform": RECIPE_LP4 + ["l2d.trajectory_training=0.5", "l2d.schedule=uniform"],
     "lora": ["method=lora"],
@@ -396,8 +394,13 @@ def main(argv=None) -> int:
         if args.eval_only:
             summary = {"loss": None}
         else:
-            with (answer_only_training() if answer_only else
-                  trajectory_grid(*TRAJECTORY_GRID[name]) if name in TRAJECTORY_GRID else contextlib.nullcontext()):
+            if answer_only:
+                patch = answer_only_training()
+            elif name in TRAJECTORY_GRID:
+                patch = trajectory_grid(*TRAJECTORY_GRID[name])
+            else:
+                patch = contextlib.nullcontext()
+            with patch:
                 summary = train(load_recipe(args.recipe, overrides), overwrite=True)
         seconds = None if args.eval_only else round(time.perf_counter() - t0)
         model, tok, _ = load_for_eval(str(run_dir))

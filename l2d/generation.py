@@ -197,10 +197,7 @@ class TokenField:
             z_hat = torch.zeros(xa.shape, dtype=torch.float32, device=x.device)
         logits = self.model.head_logits(self._hidden(min(max(t, self.t_floor), 1.0), xa.float(), z_hat))
         self.nfe += 1
-        if rows is None:
-            self.row_nfe += 1
-        else:
-            self.row_nfe[rows] += 1
+        self.row_nfe[slice(None) if rows is None else rows] += 1
         self._all_logits = self._update(self._all_logits, logits)
         full = self._all_logits
         self.logits = full if self.w is None else full[: full.shape[0] // 2]
@@ -239,14 +236,13 @@ class TokenField:
     def _velocity(self, t: float, x: torch.Tensor, gap: float, rows: torch.Tensor | None) -> torch.Tensor:
         """``(x1_hat - x) / (1 - t)`` for ``rows`` (None: all) at their states ``x``, from the last
         evaluation (guidance: ``w v_cond + (1 - w) v_uncond``)."""
+        def pick(full, index):  # the rows' part of a whole-batch tensor
+            return full if rows is None else full.index_select(0, index.to(x.device))
+
         if self.w is None:
-            logits = self.logits if rows is None else self.logits.index_select(0, rows.to(x.device))
-            if self._x1_is_z_hat:
-                x1 = self.z_hat if rows is None else self.z_hat.index_select(0, rows.to(x.device))
-            else:
-                x1 = self.x1_hat(logits, t, rows)
+            x1 = pick(self.z_hat, rows) if self._x1_is_z_hat else self.x1_hat(pick(self.logits, rows), t, rows)
             return (x1.to(x.dtype) - x) / gap
-        logits = self._all_logits if rows is None else self._all_logits.index_select(0, self._halves(rows).to(x.device))
+        logits = pick(self._all_logits, None if rows is None else self._halves(rows))
         v = (self.x1_hat(logits, t, rows).to(x.dtype) - x.repeat(2, 1, 1)) / gap
         v_cond, v_uncond = v.chunk(2)
         return self.w * v_cond + (1 - self.w) * v_uncond

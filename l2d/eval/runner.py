@@ -119,18 +119,19 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
         ids, mask = _left_padded([encoded[i] for i in idx], pad, device)
         width = ids.shape[1]
         t0 = time.perf_counter()
+        row_nfe = None  # [B, new] each row's path evaluations per token (L2D only)
         if mdm:  # every new position decoded at once in `steps` forward passes (l2d.mdm.generation)
             out = model.generate(ids, mask, max_new_tokens=max_new_tokens, steps=steps, do_sample=do_sample,
                                  temperature=temperature, seed=[int(seeds[i]) for i in idx],
                                  eos_token_id=eos or None, pad_token_id=pad, return_dict_in_generate=True)
-            sequences, nfe_per_step = out.sequences, None
+            sequences = out.sequences
         elif l2d:
             out = model.generate(ids, mask, max_new_tokens=max_new_tokens, steps=steps, solver=solver,
                                  do_sample=do_sample, temperature=temperature, seed=[int(seeds[i]) for i in idx],
                                  eos_token_id=eos or None, pad_token_id=pad, stop_strings=stop_strings or None,
                                  tokenizer=tokenizer if stop_strings else None, return_dict_in_generate=True,
                                  **generate_kwargs)
-            sequences, nfe_per_step = out.sequences, out.row_nfe  # [B, new]: each row's own (EarlyStop)
+            sequences, row_nfe = out.sequences, out.row_nfe  # each row's own (EarlyStop)
         else:
             if do_sample:
                 torch.manual_seed(int(seeds[idx[0]]))
@@ -143,7 +144,6 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
             if stop_strings:
                 kw.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
             sequences = model.generate(input_ids=ids, attention_mask=mask, **kw, **generate_kwargs)
-            nfe_per_step = []
         seconds += time.perf_counter() - t0
         new = sequences[:, width:].tolist()
         for r, i in enumerate(idx):
@@ -159,8 +159,8 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, steps: int
             # (masked diffusion: the row's forward passes, whatever its length)
             if mdm:
                 total_nfe += steps
-            elif l2d:
-                total_nfe += int(nfe_per_step[r, :n].sum())
+            elif row_nfe is not None:
+                total_nfe += int(row_nfe[r, :n].sum())
             text = tokenizer.decode(row[:n], skip_special_tokens=True)
             completions[i] = truncate_at_stop(text, stop_strings or ())
     return {"completions": completions, "generated_tokens": n_generated, "nfe": total_nfe, "seconds": seconds}
